@@ -1,0 +1,23 @@
+"""Registration of ResTv2 into the model registries of whichever toolboxes are installed."""
+import importlib
+from typing import List
+
+from .restv2 import ResTv2
+
+TOOLBOX_REGISTRIES = ('mmdet.registry', 'mmseg.registry')
+
+
+def register_all() -> List[str]:
+    """Register ``ResTv2`` in mmdet's and mmseg's ``MODELS``; returns the toolboxes done.
+
+    A toolbox that is not installed is skipped, so either one alone is enough.
+    """
+    done = []
+    for name in TOOLBOX_REGISTRIES:
+        try:
+            registry = importlib.import_module(name)
+        except ImportError:
+            continue
+        registry.MODELS.register_module(name='ResTv2', module=ResTv2, force=True)
+        done.append(name.split('.')[0])
+    return done

@@ -1,0 +1,637 @@
+"""ResTv2 backbone for dense prediction.
+
+ResTv2 ("ResT V2: Simpler, Faster and Stronger", NeurIPS 2022) is a four-stage hierarchical
+transformer whose attention, EMSAv2, attends from every token to a depth-wise-convolution
+reduced map and adds back an upsample branch (depth-wise conv + PixelShuffle on the values)
+that restores the detail the reduction removes.
+
+The layers below are plain ``torch.nn`` modules with the parameter names of the authors'
+ImageNet checkpoints, so those files load unchanged. The backbone also offers the window
+attention styles that the paper measures for detection (Table 3): ``'win'``, ``'cwin'`` and
+``'hwin'`` next to the default ``'global'``.
+"""
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mmengine.model import BaseModule
+
+ATTN_STYLES = ('global', 'win', 'cwin', 'hwin')
+ATTN_IMPLS = ('sdpa', 'explicit')
+MIN_INPUT_SIZE = 32
+
+
+# --------------------------------------------------------------------------------------
+# Attention kernels: one switch between the fused kernel and the explicit math.
+# q: B, h, Nq, d; k, v: B, h, Nk, d; key_mask (optional, bool, True = real key): broadcastable
+# to B, h, Nq, Nk.
+# --------------------------------------------------------------------------------------
+def sdpa_attention(q, k, v, key_mask=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+
+
+def explicit_attention(q, k, v, key_mask=None):
+    attn = (q * q.shape[-1]**-0.5) @ k.transpose(-2, -1)
+    if key_mask is not None:
+        attn = attn.masked_fill(~key_mask, float('-inf'))
+    return attn.softmax(dim=-1) @ v
+
+
+ATTENTION_KERNELS: Dict[str, Callable] = {
+    'sdpa': sdpa_attention,
+    'explicit': explicit_attention,
+}
+
+
+# --------------------------------------------------------------------------------------
+# Window partition and its reverse (maps are B, H, W, C, H and W multiples of the window).
+# --------------------------------------------------------------------------------------
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """B, H, W, C -> B * nH * nW, window * window, C."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
+
+
+def window_reverse(x: torch.Tensor, window: int, B: int, H: int, W: int) -> torch.Tensor:
+    """B * nH * nW, window * window, C -> B, H, W, C."""
+    C = x.shape[-1]
+    x = x.view(B, H // window, W // window, window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad a B, H, W, C map at the bottom and right to whole multiples."""
+    H, W = x.shape[1:3]
+    pad_h, pad_w = -H % multiple, -W % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x
+
+
+def as_nchw(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Tokens B, N, C -> a B, C, H, W view in channels-last memory (no copy)."""
+    return x.unflatten(1, (H, W)).permute(0, 3, 1, 2)
+
+
+def as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """B, C, H, W -> B, N, C (a view when x is channels-last)."""
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+# --------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability p."""
+
+    def __init__(self, drop_prob: float = 0.):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0. or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self):
+        return f'drop_prob={self.drop_prob}'
+
+
+class PA(nn.Module):
+    """Pixel attention, ResTv2's positional encoding: x * sigmoid(dwconv3x3(x))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.pa_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.pa_conv(x))
+
+
+class ConvStem(nn.Module):
+    """Two stride-2 3x3 convs with BN-ReLU, a 1x1 conv, PA and LayerNorm (stride 4).
+
+    B, C_in, H, W -> tokens B, ceil(H/4) * ceil(W/4), C and the map size.
+    """
+
+    def __init__(self, in_channels: int, embed_dim: int):
+        super().__init__()
+        hidden = embed_dim // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, embed_dim, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(embed_dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(embed_dim, embed_dim, 1),
+        )
+        self.pos = PA(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def forward(self, x):
+        x = self.pos(self.proj(x))
+        H, W = x.shape[2:]
+        return self.norm(as_tokens(x)), (H, W)
+
+
+class PatchEmbed(nn.Module):
+    """Downsampling between stages: 3x3 conv stride 2, PA, LayerNorm.
+
+    B, C_in, H, W -> tokens B, ceil(H/2) * ceil(W/2), C_out and the map size.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
+        self.pos = PA(out_dim)
+        self.norm = nn.LayerNorm(out_dim, eps=1e-6)
+
+    def forward(self, x):
+        x = self.pos(self.proj(x))
+        H, W = x.shape[2:]
+        return self.norm(as_tokens(x)), (H, W)
+
+
+class Mlp(nn.Module):
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EMSAv2(nn.Module):
+    """Efficient multi-head self-attention v2.
+
+    Queries come from all H x W tokens; keys and values from the map reduced by a depth-wise
+    conv (kernel r+1, stride r, padding r//2, then LayerNorm) to ceil(H/r) x ceil(W/r). The
+    values also feed the upsample branch ``up``: depth-wise 3x3 conv to r*r*C channels,
+    PixelShuffle(r), cropped back to H x W, LayerNorm. Output: proj(attention + up).
+
+    Args:
+        dim: channels C.
+        num_heads: heads h; C must be divisible by h.
+        sr_ratio: reduction ratio r (1: no reduction).
+        window_size: if given, attention runs in non-overlapping windows of this many tokens
+            per side (the reduced map in windows of window_size / r cells); None: global.
+        attn_impl: 'sdpa' (torch's fused kernel) or 'explicit' (softmax(QK^T)V).
+    """
+
+    def __init__(self,
+                 dim: int,
+                 num_heads: int,
+                 sr_ratio: int = 1,
+                 window_size: Optional[int] = None,
+                 attn_impl: str = 'sdpa'):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.sr_ratio = sr_ratio
+        self.window_size = window_size
+        self.set_attn_impl(attn_impl)
+
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(
+                dim, dim, sr_ratio + 1, stride=sr_ratio, padding=sr_ratio // 2, groups=dim)
+            self.sr_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.up = nn.Sequential(
+            nn.Conv2d(dim, sr_ratio * sr_ratio * dim, 3, padding=1, groups=dim))
+        self.up_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def set_attn_impl(self, attn_impl: str):
+        if attn_impl not in ATTENTION_KERNELS:
+            raise ValueError(f'attn_impl={attn_impl!r} is not one of {ATTN_IMPLS}.')
+        self.attn_impl = attn_impl
+        self.attend = ATTENTION_KERNELS[attn_impl]
+
+    def extra_repr(self):
+        return (f'num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, '
+                f'window_size={self.window_size}, attn_impl={self.attn_impl}')
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, N, C = x.shape
+        r = self.sr_ratio
+        q = self.q(x)
+        if r > 1:
+            x = as_tokens(self.sr(as_nchw(x, H, W)))
+            x = self.sr_norm(x)
+        Hr, Wr = -(-H // r), -(-W // r)
+        kv = self.kv(x)  # B, Hr * Wr, 2C laid out as (2, h, d)
+        v = kv[..., C:]
+
+        if self.window_size is None:
+            out = self._global_attention(q, kv)
+        else:
+            out = self._window_attention(q, kv, H, W, Hr, Wr)
+
+        # upsample branch on the values: B, Hr*Wr, C -> B, r*Hr, r*Wr, C -> B, N, C
+        up = self.up(as_nchw(v, Hr, Wr))  # channels-last, channel = c * r * r + i * r + j
+        if r > 1:
+            up = up.permute(0, 2, 3, 1).reshape(B, Hr, Wr, C, r, r)
+            up = up.permute(0, 1, 4, 2, 5, 3).reshape(B, Hr * r, Wr * r, C)
+            up = up[:, :H, :W].reshape(B, N, C)
+        else:
+            up = as_tokens(up)
+        return self.proj(out + self.up_norm(up))
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """B, N, C -> B, h, N, d."""
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def _global_attention(self, q, kv):
+        k, v = kv.chunk(2, dim=-1)
+        out = self.attend(self._heads(q), self._heads(k), self._heads(v))
+        return out.transpose(1, 2).flatten(2)  # B, h, N, d -> B, N, C
+
+    def _window_attention(self, q, kv, H, W, Hr, Wr):
+        B, N, C = q.shape
+        ws, wr = self.window_size, self.window_size // self.sr_ratio
+        q = pad_to_multiple(q.view(B, H, W, C), ws)
+        Hp, Wp = q.shape[1:3]
+        kv = pad_to_multiple(kv.view(B, Hr, Wr, 2 * C), wr)
+        qw = window_partition(q, ws)  # B*nW, ws*ws, C
+        kw, vw = window_partition(kv, wr).chunk(2, dim=-1)  # B*nW, wr*wr, C each
+
+        key_mask = None
+        if kv.shape[1] != Hr or kv.shape[2] != Wr:
+            real = kv.new_zeros((1, kv.shape[1], kv.shape[2], 1), dtype=torch.bool)
+            real[:, :Hr, :Wr] = True
+            real = window_partition(real, wr)  # nW, wr*wr, 1
+            key_mask = real.transpose(1, 2).unsqueeze(1).repeat(B, 1, 1, 1)  # B*nW,1,1,S
+
+        out = self.attend(self._heads(qw), self._heads(kw), self._heads(vw), key_mask)
+        out = window_reverse(out.transpose(1, 2).flatten(2), ws, B, Hp, Wp)
+        return out[:, :H, :W].reshape(B, N, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self,
+                 dim: int,
+                 num_heads: int,
+                 sr_ratio: int = 1,
+                 window_size: Optional[int] = None,
+                 mlp_ratio: float = 4.,
+                 drop_path: float = 0.,
+                 attn_impl: str = 'sdpa'):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = EMSAv2(dim, num_heads, sr_ratio, window_size, attn_impl)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, H: int, W: int):
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class CrossWindowConv(nn.Module):
+    """CWin's 7x7 depth-wise conv with a residual, letting windows exchange information.
+
+    Zero-initialised, so a model loaded from a global/win checkpoint starts out as win.
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x, H: int, W: int):
+        return x + as_tokens(self.conv(as_nchw(x, H, W)))
+
+
+# --------------------------------------------------------------------------------------
+# The backbone
+# --------------------------------------------------------------------------------------
+class ResTv2(BaseModule):
+    """ResTv2 backbone (ResT V2: Simpler, Faster and Stronger, NeurIPS 2022).
+
+    Args:
+        arch (str | dict): 'tiny', 'small', 'base', 'large' (or 't', 's', 'b', 'l'), or a
+            dict with the lists ``embed_dims``, ``depths``, ``num_heads`` and
+            ``sr_ratios``, one entry per stage. Default: 'tiny'.
+        in_channels (int): input image channels. Default: 3.
+        out_indices (Sequence[int]): stages to output, 0-3; negative indices count from the
+            end. Default: (0, 1, 2, 3).
+        drop_path_rate (float): stochastic depth rate, rising linearly over the blocks.
+            Default: 0.
+        attn_style (str): 'global' (every block attends over the whole map, as trained on
+            ImageNet), 'win' (every block attends within windows), 'cwin' (win plus a 7x7
+            depth-wise conv after each stage's last block) or 'hwin' (windows in all but the
+            last block of each stage). All four load the same checkpoints. Default: 'global'.
+        window_size (Sequence[int]): window side in tokens for each stage, used by the window
+            styles; each must be a multiple of its stage's sr ratio. Default: (64, 32, 16, 8),
+            8 x 8 reduced cells per window as in the paper.
+        attn_impl (str): 'sdpa' (``F.scaled_dot_product_attention``) or 'explicit'
+            (softmax(QK^T)V written out, for export and as a reference). Default: 'sdpa'.
+        frozen_stages (int): -1 freezes nothing, 0 the stem, i the stem and stages 1..i with
+            their patch embeddings and output norms. Frozen parts stay in eval mode.
+            Default: -1.
+        norm_eval (bool): keep BatchNorm layers in eval mode while training. Default: False.
+        with_cp (bool): checkpoint each block's activations to save memory. Default: False.
+        init_cfg (dict, optional): e.g. ``dict(type='Pretrained', checkpoint=PATH)``; the
+            authors' ImageNet files load as they are (see :meth:`init_weights`).
+
+    Output: a tuple with one ``B x C_i x H_i x W_i`` map per entry of ``out_indices``, each
+    through its own channels-first LayerNorm. For an input of H x W (at least 32 x 32, any
+    size) the stage maps are ``H_1 = ceil(H / 4)`` and ``H_{i+1} = ceil(H_i / 2)``, likewise
+    for W: strides 4, 8, 16 and 32.
+
+    Example:
+        >>> import torch
+        >>> from restv2_mm import ResTv2
+        >>> model = ResTv2(arch='tiny').eval()
+        >>> for out in model(torch.rand(1, 3, 225, 301)):
+        ...     print(tuple(out.shape))
+        (1, 96, 57, 76)
+        (1, 192, 29, 38)
+        (1, 384, 15, 19)
+        (1, 768, 8, 10)
+    """
+
+    arch_zoo = {
+        **dict.fromkeys(['t', 'tiny'], {
+            'embed_dims': [96, 192, 384, 768],
+            'depths': [1, 2, 6, 2],
+            'num_heads': [1, 2, 4, 8],
+            'sr_ratios': [8, 4, 2, 1],
+        }),
+        **dict.fromkeys(['s', 'small'], {
+            'embed_dims': [96, 192, 384, 768],
+            'depths': [1, 2, 12, 2],
+            'num_heads': [1, 2, 4, 8],
+            'sr_ratios': [8, 4, 2, 1],
+        }),
+        **dict.fromkeys(['b', 'base'], {
+            'embed_dims': [96, 192, 384, 768],
+            'depths': [1, 3, 16, 3],
+            'num_heads': [1, 2, 4, 8],
+            'sr_ratios': [8, 4, 2, 1],
+        }),
+        **dict.fromkeys(['l', 'large'], {
+            'embed_dims': [128, 256, 512, 1024],
+            'depths': [2, 3, 16, 2],
+            'num_heads': [2, 4, 8, 16],
+            'sr_ratios': [8, 4, 2, 1],
+        }),
+    }  # paper Table 9
+    arch_keys = ('embed_dims', 'depths', 'num_heads', 'sr_ratios')
+    num_stages = 4
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 drop_path_rate: float = 0.,
+                 attn_style: str = 'global',
+                 window_size: Sequence[int] = (64, 32, 16, 8),
+                 attn_impl: str = 'sdpa',
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        arch = self._parse_arch(arch)
+        self.embed_dims: List[int] = arch['embed_dims']
+        self.depths: List[int] = arch['depths']
+        self.num_heads: List[int] = arch['num_heads']
+        self.sr_ratios: List[int] = arch['sr_ratios']
+        self.in_channels = in_channels
+        self.out_indices = self._parse_out_indices(out_indices)
+        self.attn_style = attn_style
+        self.window_size = self._parse_window_size(attn_style, window_size)
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f'attn_impl={attn_impl!r} is not one of {ATTN_IMPLS}.')
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages={frozen_stages!r} is out of range: use -1 '
+                             f'(nothing), 0 (the stem) or 1..{self.num_stages} (the stem '
+                             f'and stages 1..i).')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+        dims = self.embed_dims
+        self.stem = ConvStem(in_channels, dims[0])
+        for i in range(1, self.num_stages):
+            self.add_module(f'patch_{i + 1}', PatchEmbed(dims[i - 1], dims[i]))
+
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        for i in range(self.num_stages):
+            first = sum(self.depths[:i])
+            blocks = nn.ModuleList(
+                Block(
+                    dims[i],
+                    self.num_heads[i],
+                    self.sr_ratios[i],
+                    window_size=self._block_window(i, j),
+                    drop_path=dpr[first + j],
+                    attn_impl=attn_impl) for j in range(self.depths[i]))
+            self.add_module(f'stage{i + 1}', blocks)
+
+        if attn_style == 'cwin':
+            self.cross_window_convs = nn.ModuleList(CrossWindowConv(d) for d in dims)
+
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', nn.LayerNorm(dims[i], eps=1e-6))
+
+        # What each output is, as timm's feature_info: channels and stride.
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=4 * 2**i, module=f'stage{i + 1}')
+            for i in self.out_indices
+        ]
+        self._freeze_stages()
+
+    # ------------------------------------------------------------------ argument checks
+    @classmethod
+    def _parse_arch(cls, arch) -> dict:
+        if isinstance(arch, str):
+            key = arch.lower()
+            if key not in cls.arch_zoo:
+                raise ValueError(f'Unknown ResTv2 arch {arch!r}; choose one of '
+                                 f'{sorted(cls.arch_zoo)} or pass a dict with the keys '
+                                 f'{list(cls.arch_keys)}.')
+            return {k: list(v) for k, v in cls.arch_zoo[key].items()}
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a str or a dict, not {type(arch).__name__}.')
+        missing = [k for k in cls.arch_keys if k not in arch]
+        if missing:
+            raise ValueError(f'The arch dict {arch} lacks the keys {missing}; it needs '
+                             f'{list(cls.arch_keys)}, one value per stage.')
+        lengths = {k: len(arch[k]) for k in cls.arch_keys}
+        if set(lengths.values()) != {cls.num_stages}:
+            raise ValueError(f'The arch dict lists disagree in length: {lengths}; each needs '
+                             f'{cls.num_stages} entries, one per stage.')
+        for i, (c, h) in enumerate(zip(arch['embed_dims'], arch['num_heads'])):
+            if c % h:
+                raise ValueError(f'Stage {i + 1}: embed_dims {c} is not divisible by '
+                                 f'num_heads {h}.')
+        return {k: list(arch[k]) for k in cls.arch_keys}
+
+    def _parse_out_indices(self, out_indices) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        parsed = []
+        for i in out_indices:
+            if not -self.num_stages <= i < self.num_stages:
+                raise ValueError(f'out_indices entry {i} is out of range: ResTv2 has '
+                                 f'{self.num_stages} stages, use 0..{self.num_stages - 1} '
+                                 f'or -{self.num_stages}..-1.')
+            parsed.append(i % self.num_stages)
+        return tuple(sorted(set(parsed)))
+
+    def _parse_window_size(self, attn_style, window_size) -> Tuple[int, ...]:
+        if attn_style not in ATTN_STYLES:
+            raise ValueError(f'Unknown attn_style {attn_style!r}; choose one of '
+                             f'{ATTN_STYLES}.')
+        if isinstance(window_size, int):
+            window_size = [window_size] * self.num_stages
+        window_size = tuple(window_size)
+        if len(window_size) != self.num_stages:
+            raise ValueError(f'window_size={window_size} has {len(window_size)} entries; '
+                             f'give one per stage ({self.num_stages}), e.g. (64, 32, 16, 8).')
+        for i, (ws, r) in enumerate(zip(window_size, self.sr_ratios)):
+            if not isinstance(ws, int) or ws <= 0 or ws % r:
+                raise ValueError(f'window_size[{i}]={ws!r} must be a positive multiple of '
+                                 f'stage {i + 1}\'s sr ratio {r}, so that each window maps '
+                                 f'onto whole cells of the reduced map.')
+        return window_size
+
+    def _block_window(self, stage: int, block: int) -> Optional[int]:
+        """The window of a block, or None where it attends globally."""
+        if self.attn_style == 'global':
+            return None
+        if self.attn_style == 'hwin' and block == self.depths[stage] - 1:
+            return None
+        return self.window_size[stage]
+
+    # ------------------------------------------------------------------ switches
+    def set_attn_impl(self, attn_impl: str):
+        """Switch every EMSAv2 between 'sdpa' and 'explicit' attention."""
+        for m in self.modules():
+            if isinstance(m, EMSAv2):
+                m.set_attn_impl(attn_impl)
+
+    def _freeze_stages(self):
+        if self.frozen_stages < 0:
+            return
+        frozen = [self.stem]
+        for i in range(1, self.frozen_stages + 1):
+            if i > 1:
+                frozen.append(getattr(self, f'patch_{i}'))
+            frozen.append(getattr(self, f'stage{i}'))
+            if hasattr(self, 'cross_window_convs'):
+                frozen.append(self.cross_window_convs[i - 1])
+            if i - 1 in self.out_indices:
+                frozen.append(getattr(self, f'norm{i - 1}'))
+        for m in frozen:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    # ------------------------------------------------------------------ weights
+    def init_weights(self):
+        """Random init as the authors' training, or load ``init_cfg=dict(type='Pretrained')``.
+
+        A pretrained file may be an authors' ImageNet checkpoint (state_dict under 'model',
+        with classifier 'head' and final 'norm'), an OpenMMLab checkpoint ('state_dict', keys
+        under 'backbone.') or a bare state_dict; see :func:`restv2_mm.checkpoint.load_backbone`.
+        """
+        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
+            from .checkpoint import load_backbone
+            self._init_random()
+            load_backbone(self, self.init_cfg['checkpoint'],
+                          prefix=self.init_cfg.get('prefix'))
+            self._is_init = True
+            return
+        if self.init_cfg is None:
+            self._init_random()
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def _init_random(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, CrossWindowConv):
+                nn.init.zeros_(m.conv.weight)
+                nn.init.zeros_(m.conv.bias)
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'ResTv2 expects a 4-D B x C x H x W tensor, got {shape}.')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'ResTv2 was built with in_channels={self.in_channels} but the '
+                             f'input has {x.shape[1]} channels (shape {tuple(x.shape)}); set '
+                             f'in_channels={x.shape[1]} or fix the data pipeline.')
+        if x.shape[2] < MIN_INPUT_SIZE or x.shape[3] < MIN_INPUT_SIZE:
+            raise ValueError(f'ResTv2 needs inputs of at least {MIN_INPUT_SIZE} x '
+                             f'{MIN_INPUT_SIZE} pixels, got {x.shape[2]} x {x.shape[3]}; '
+                             f'resize or pad the image.')
+
+    def _run_blocks(self, blocks: nn.ModuleList, x, H: int, W: int):
+        for blk in blocks:
+            if self.with_cp and x.requires_grad:
+                x = checkpoint(blk, x, H, W, use_reentrant=False)
+            else:
+                x = blk(x, H, W)
+        return x
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        self._check_input(x)
+        B = x.shape[0]
+        outs = []
+        for i in range(self.num_stages):
+            if i == 0:
+                x, (H, W) = self.stem(x)
+            else:
+                x, (H, W) = getattr(self, f'patch_{i + 1}')(x)
+            x = self._run_blocks(getattr(self, f'stage{i + 1}'), x, H, W)
+            if self.attn_style == 'cwin':
+                x = self.cross_window_convs[i](x, H, W)
+            if i in self.out_indices:
+                out = getattr(self, f'norm{i}')(x)
+                outs.append(out.view(B, H, W, -1).permute(0, 3, 1, 2).contiguous())
+            if i < self.num_stages - 1:
+                x = as_nchw(x, H, W)  # B, N, C -> B, C, H, W (channels-last view)
+        return tuple(outs)

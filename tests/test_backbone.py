@@ -1,0 +1,290 @@
+"""The ResTv2 backbone: shapes, faithfulness to the authors' model, switches, errors."""
+import argparse
+import math
+
+import pytest
+import torch
+
+from reference_restv2 import RefResTv2
+from restv2_mm import ResTv2
+
+ARCHS = ['tiny', 'small', 'base', 'large']
+
+
+def stage_sizes(h, w):
+    sizes = [(math.ceil(h / 4), math.ceil(w / 4))]
+    for _ in range(3):
+        sizes.append((math.ceil(sizes[-1][0] / 2), math.ceil(sizes[-1][1] / 2)))
+    return sizes
+
+
+def reference_for(model):
+    return RefResTv2(model.embed_dims, model.depths, model.num_heads, model.sr_ratios).eval()
+
+
+def randomised(model, seed=0):
+    """A model with random weights everywhere, BatchNorm statistics included."""
+    torch.manual_seed(seed)
+    model.init_weights()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize('arch', ARCHS)
+def test_output_shapes_every_arch(arch):
+    model = ResTv2(arch).eval()
+    with torch.no_grad():
+        outs = model(torch.rand(1, 3, 64, 96))
+    assert [o.shape[1] for o in outs] == model.embed_dims
+    assert [tuple(o.shape[2:]) for o in outs] == stage_sizes(64, 96)
+
+
+@pytest.mark.parametrize('size', [(224, 224), (225, 301), (32, 32), (33, 47), (800, 1199)])
+def test_output_shapes_any_size(size):
+    model = ResTv2('tiny').eval()
+    with torch.no_grad():
+        outs = model(torch.rand(1, 3, *size))
+    assert [tuple(o.shape[2:]) for o in outs] == stage_sizes(*size)
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_docstring_example_sizes():
+    with torch.no_grad():
+        outs = ResTv2('t').eval()(torch.rand(1, 3, 225, 301))
+    assert [tuple(o.shape) for o in outs] == [(1, 96, 57, 76), (1, 192, 29, 38),
+                                              (1, 384, 15, 19), (1, 768, 8, 10)]
+
+
+def test_out_indices_negative_and_subset():
+    model = ResTv2('tiny', out_indices=(-1, 1)).eval()
+    assert model.out_indices == (1, 3)
+    assert not hasattr(model, 'norm0') and hasattr(model, 'norm3')
+    with torch.no_grad():
+        outs = model(torch.rand(2, 3, 64, 64))
+    assert [tuple(o.shape) for o in outs] == [(2, 192, 8, 8), (2, 768, 2, 2)]
+    assert [f['reduction'] for f in model.feature_info] == [8, 32]
+
+
+def test_arch_aliases_and_custom_dict():
+    assert ResTv2('t').depths == ResTv2('TINY').depths == [1, 2, 6, 2]
+    custom = dict(embed_dims=[32, 64, 128, 256], depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8],
+                  sr_ratios=[8, 4, 2, 1])
+    model = ResTv2(custom).eval()
+    with torch.no_grad():
+        outs = model(torch.rand(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [32, 64, 128, 256]
+
+
+@pytest.mark.parametrize('arch,count', [('tiny', 29_667_120), ('small', 40_438_320),
+                                        ('base', 55_197_552), ('large', 85_509_312)])
+def test_parameter_counts_match_paper(arch, count):
+    # Table 1's classification models less head and final norm, plus four output norms.
+    assert sum(p.numel() for p in ResTv2(arch).parameters()) == count
+
+
+# ---------------------------------------------------------------------------- faithfulness
+@pytest.mark.parametrize('arch', ARCHS)
+def test_stage_features_equal_authors_model(arch):
+    model = randomised(ResTv2(arch))
+    ref = reference_for(model)
+    ref.load_state_dict(model.state_dict(), strict=False)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours, theirs = model(x), ref.forward_features(x)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        assert rel_err(a, b) < 1e-5
+
+
+def test_same_function_as_authors_model_in_float64():
+    model = randomised(ResTv2('tiny')).double()
+    ref = reference_for(model).double()
+    ref.load_state_dict(model.state_dict(), strict=False)
+    x = torch.randn(1, 3, 96, 128, dtype=torch.float64)
+    with torch.no_grad():
+        for a, b in zip(model(x), ref.forward_features(x)):
+            assert rel_err(a, b) < 1e-12
+
+
+def test_state_dict_keys_are_the_official_ones(official_keys):
+    for arch in ('tiny', 'large'):
+        ours = set(ResTv2(arch).state_dict())
+        dense_only = {k for k in ours if k.startswith('norm') and k[4].isdigit()}
+        assert ours - dense_only == official_keys(arch) - {
+            'norm.weight', 'norm.bias', 'head.weight', 'head.bias'}
+
+
+@pytest.mark.parametrize('size', [(224, 224), (225, 301)])
+def test_sdpa_and_explicit_paths_agree(size):
+    model = randomised(ResTv2('tiny'))
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        fused = model(x)
+        model.set_attn_impl('explicit')
+        explicit = model(x)
+    for a, b in zip(fused, explicit):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_explicit_path_from_constructor():
+    model = ResTv2('tiny', attn_impl='explicit')
+    assert all(m.attn_impl == 'explicit' for m in model.modules() if hasattr(m, 'attn_impl'))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+class Arbitrary:
+    """A type no checkpoint needs: the weights-only loader must refuse it."""
+
+
+def test_official_checkpoint_loads_without_conversion(tmp_path, caplog):
+    source = randomised(ResTv2('tiny'), seed=1)
+    ref = reference_for(source)
+    ref.load_state_dict(source.state_dict(), strict=False)
+    state = {'module.' + k: v for k, v in ref.classification_state_dict().items()}
+    path = tmp_path / 'restv2_tiny_224.pth'
+    torch.save({'model': state, 'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 299,
+                'scaler': {'scale': 65536.0}, 'args': argparse.Namespace(model='restv2_tiny',
+                                                                         lr=1.5e-3)}, path)
+
+    model = ResTv2('tiny', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    model.eval()
+    report_free = {k: v for k, v in model.state_dict().items()
+                   if not (k.startswith('norm') and k[4].isdigit())}
+    for k, v in report_free.items():
+        assert torch.equal(v, ref.state_dict()[k]), k
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        fresh = randomised(ResTv2('tiny'), seed=2)(x)
+        loaded = model(x)
+        expected = ref.forward_features(x)
+    for a, b, c in zip(loaded, expected, fresh):
+        assert rel_err(a, b) < 1e-5
+        assert rel_err(a, c) > 1e-2
+
+
+def test_checkpoint_reports_missing_and_unexpected(tmp_path):
+    from restv2_mm import load_backbone
+    model = ResTv2('tiny')
+    state = model.state_dict()
+    state.pop('stage1.0.attn.q.weight')
+    state['stage9.extra'] = torch.zeros(1)
+    state['head.weight'] = torch.zeros(1000, 768)
+    path = tmp_path / 'partial.pth'
+    torch.save({'model': state}, path)
+    report = load_backbone(ResTv2('tiny'), str(path))
+    assert report['missing'] == ['stage1.0.attn.q.weight']
+    assert report['unexpected'] == ['stage9.extra']  # head dropped without noise
+
+
+def test_checkpoint_of_another_arch_is_named(tmp_path):
+    from restv2_mm import load_backbone
+    path = tmp_path / 'large.pth'
+    torch.save({'model': ResTv2('large').state_dict()}, path)
+    with pytest.raises(ValueError, match='another arch'):
+        load_backbone(ResTv2('tiny'), str(path))
+
+
+def test_missing_checkpoint_says_where_files_come_from(tmp_path):
+    model = ResTv2('tiny', init_cfg=dict(type='Pretrained',
+                                         checkpoint=str(tmp_path / 'nope.pth')))
+    with pytest.raises(FileNotFoundError, match='init_cfg=None'):
+        model.init_weights()
+
+
+def test_checkpoint_with_unknown_pickled_type_is_refused(tmp_path):
+    from restv2_mm import load_backbone
+    path = tmp_path / 'unsafe.pth'
+    torch.save({'model': ResTv2('tiny').state_dict(), 'payload': Arbitrary()}, path)
+    with pytest.raises(Exception, match='(?i)weights_only|unpickl'):
+        load_backbone(ResTv2('tiny'), str(path))
+
+
+# ---------------------------------------------------------------------------- training switches
+def test_frozen_stages_have_no_gradient_and_stay_in_eval():
+    model = ResTv2('tiny', frozen_stages=2, drop_path_rate=0.1)
+    model.train()
+    frozen = [model.stem, model.stage1, model.patch_2, model.stage2, model.norm0, model.norm1]
+    for m in frozen:
+        assert not m.training
+        assert all(not p.requires_grad for p in m.parameters())
+    assert model.stage3.training and model.patch_3.training
+    outs = model(torch.rand(2, 3, 64, 64))
+    sum(o.sum() for o in outs).backward()
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    assert model.stage3[0].attn.q.weight.grad is not None
+
+
+def test_frozen_stem_only():
+    model = ResTv2('tiny', frozen_stages=0).train()
+    assert not model.stem.training and model.stage1.training
+    assert model.stem.proj[1].weight.requires_grad is False
+    assert model.stage1[0].attn.q.weight.requires_grad
+
+
+def test_norm_eval_keeps_batchnorm_statistics():
+    model = ResTv2('tiny', norm_eval=True).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not bn.training for bn in bns)
+    before = bns[0].running_mean.clone()
+    model(torch.rand(2, 3, 64, 64))
+    assert torch.equal(bns[0].running_mean, before)
+
+
+def test_with_cp_gives_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = ResTv2('tiny')
+    plain.init_weights()
+    cp = ResTv2('tiny', with_cp=True)
+    cp.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    grads = []
+    for model in (plain, cp):
+        model.train()
+        outs = model(x)
+        sum((o * o).mean() for o in outs).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        outs_eval = [o.detach() for o in outs]
+        if model is plain:
+            ref_outs = outs_eval
+    for a, b in zip(ref_outs, outs_eval):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(arch='huge'), "Unknown ResTv2 arch 'huge'.*'tiny'"),
+    (dict(arch=dict(embed_dims=[96] * 4, depths=[1, 2], num_heads=[1] * 4,
+                    sr_ratios=[8, 4, 2, 1])), 'disagree in length'),
+    (dict(arch=dict(embed_dims=[96] * 4)), 'lacks the keys'),
+    (dict(arch=dict(embed_dims=[96] * 4, depths=[1] * 4, num_heads=[5] * 4,
+                    sr_ratios=[8, 4, 2, 1])), 'not divisible by num_heads'),
+    (dict(out_indices=(0, 4)), 'out_indices entry 4'),
+    (dict(out_indices=(-5, )), 'out_indices entry -5'),
+    (dict(frozen_stages=5), 'frozen_stages=5'),
+    (dict(frozen_stages=-2), 'frozen_stages=-2'),
+    (dict(attn_impl='flash'), "attn_impl='flash'"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ResTv2(**kwargs)
+
+
+@pytest.mark.parametrize('shape,match', [
+    ((3, 64, 64), '4-D'),
+    ((1, 1, 64, 64), 'in_channels=3.*1 channels'),
+    ((1, 3, 31, 64), 'at least 32 x 32.*31 x 64'),
+])
+def test_bad_inputs_raise_clear_errors(shape, match):
+    with pytest.raises(ValueError, match=match):
+        ResTv2('tiny')(torch.rand(*shape))
