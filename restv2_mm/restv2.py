@@ -86,6 +86,26 @@ def as_tokens(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (eps 1e-6) that keeps half-precision activations half under autocast.
+
+    Autocast runs layer_norm in float32 and returns float32, so each of ResTv2's ~50 norms
+    would move twice the bytes and the layer after it would cast back. The kernel already
+    accumulates half inputs in float32 with float32 weights, so the result equals autocast's
+    up to the final rounding to the activation dtype. Outside autocast it is nn.LayerNorm.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__(dim, eps=eps)
+
+    def forward(self, x):
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+                x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return super().forward(x)
+        return super().forward(x)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch of a sample with probability p."""
 
@@ -134,7 +154,7 @@ class ConvStem(nn.Module):
             nn.Conv2d(embed_dim, embed_dim, 1),
         )
         self.pos = PA(embed_dim)
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = LayerNorm(embed_dim)
 
     def forward(self, x):
         x = self.pos(self.proj(x))
@@ -152,7 +172,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
         self.pos = PA(out_dim)
-        self.norm = nn.LayerNorm(out_dim, eps=1e-6)
+        self.norm = LayerNorm(out_dim)
 
     def forward(self, x):
         x = self.pos(self.proj(x))
@@ -207,10 +227,10 @@ class EMSAv2(nn.Module):
         if sr_ratio > 1:
             self.sr = nn.Conv2d(
                 dim, dim, sr_ratio + 1, stride=sr_ratio, padding=sr_ratio // 2, groups=dim)
-            self.sr_norm = nn.LayerNorm(dim, eps=1e-6)
+            self.sr_norm = LayerNorm(dim)
         self.up = nn.Sequential(
             nn.Conv2d(dim, sr_ratio * sr_ratio * dim, 3, padding=1, groups=dim))
-        self.up_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.up_norm = LayerNorm(dim)
         self.proj = nn.Linear(dim, dim)
 
     def set_attn_impl(self, attn_impl: str):
@@ -251,7 +271,7 @@ class EMSAv2(nn.Module):
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """B, N, C -> B, h, N, d."""
-        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        return t.view(*t.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def _global_attention(self, q, kv):
         k, v = kv.chunk(2, dim=-1)
@@ -291,10 +311,10 @@ class Block(nn.Module):
                  drop_path: float = 0.,
                  attn_impl: str = 'sdpa'):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim)
         self.attn = EMSAv2(dim, num_heads, sr_ratio, window_size, attn_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, H: int, W: int):
@@ -450,7 +470,7 @@ class ResTv2(BaseModule):
             self.cross_window_convs = nn.ModuleList(CrossWindowConv(d) for d in dims)
 
         for i in self.out_indices:
-            self.add_module(f'norm{i}', nn.LayerNorm(dims[i], eps=1e-6))
+            self.add_module(f'norm{i}', LayerNorm(dims[i]))
 
         # What each output is, as timm's feature_info: channels and stride.
         self.feature_info = [
@@ -620,6 +640,8 @@ class ResTv2(BaseModule):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self._check_input(x)
         B = x.shape[0]
+        if x.is_cuda:  # cuDNN's NHWC kernels; token views of conv outputs need no copy
+            x = x.contiguous(memory_format=torch.channels_last)
         outs = []
         for i in range(self.num_stages):
             if i == 0:

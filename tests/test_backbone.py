@@ -288,3 +288,21 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
 def test_bad_inputs_raise_clear_errors(shape, match):
     with pytest.raises(ValueError, match=match):
         ResTv2('tiny')(torch.rand(*shape))
+
+
+def test_layer_norm_keeps_half_activations_under_autocast():
+    from restv2_mm.restv2 import LayerNorm
+    norm = LayerNorm(64)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(4, 10, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), norm(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+
+
+def test_backbone_runs_under_autocast():
+    model = ResTv2('tiny').eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        outs = model(torch.rand(1, 3, 64, 64))
+    assert all(o.dtype == torch.bfloat16 and torch.isfinite(o.float()).all() for o in outs)
