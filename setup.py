@@ -1,6 +1,14 @@
 from setuptools import find_packages, setup
 
 
+def read_readme():
+    try:
+        with open('README.md', encoding='utf-8') as f:
+            return f.read()
+    except OSError:
+        return ''
+
+
 def read_version():
     scope = {}
     with open('restv2_mm/version.py') as f:
@@ -13,7 +21,7 @@ setup(
     version=read_version(),
     description='ResTv2 backbone for OpenMMLab detection (mmdet 3.x) and segmentation '
     '(mmseg 1.x)',
-    long_description=open('README.md').read(),
+    long_description=read_readme(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.8',
