@@ -1,0 +1,204 @@
+"""The speed benchmark and the profiler: quick CPU runs end to end, and the report's logic."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, 'tools', 'analysis')
+SECTIONS = ['backbone224', 'dense', 'styles', 'detector', 'segmentor']
+TARGET_IDS = ['1a', '1b', '2a', '2b', '2c', '2d', '3a', '3b', '3c', '3d', '4a', '4b', '4c', '5']
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f'tools_{name}', os.path.join(TOOLS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def bm():
+    return load_tool('benchmark')
+
+
+def run_tool(name, *args):
+    proc = subprocess.run([sys.executable, os.path.join(TOOLS, f'{name}.py'), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def expected_keys():
+    styles = ['global', 'win', 'cwin', 'hwin']
+    dense = [f'restv2_t_{s}' for s in styles] + ['restv2_t_explicit', 'swin_t']
+    return {
+        'backbone224': {f'backbone224/{n}' for n in
+                        ['restv2_t', 'restv2_s', 'restv2_b', 'restv2_l', 'swin_t', 'pvtv2_b2',
+                         'convnext_t']},
+        'dense': {f'dense/{n}/{m}' for n in dense for m in ('infer', 'train')},
+        'styles': {f'styles/{s}/{hw}' for s in styles for hw in ('64x96', '96x128', '128x160')},
+        'detector': {f'detector/{n}/{m}' for n in ('restv2_t', 'swin_t')
+                     for m in ('predict', 'train')},
+        'segmentor': {'segmentor/restv2_t/predict', 'segmentor/swin_t/predict'},
+    }
+
+
+def test_quick_run_measures_every_section_and_writes_json_and_plot(tmp_path):
+    out_json, out_plot = tmp_path / 'bench.json', tmp_path / 'styles.png'
+    stdout = run_tool('benchmark', '--quick', '--out-json', str(out_json), '--out-plot',
+                      str(out_plot))
+    report = json.loads(out_json.read_text())
+
+    assert list(report['sections']) == SECTIONS
+    for section, keys in expected_keys().items():
+        assert set(report['sections'][section]) == keys
+    for key, entry in (e for s in report['sections'].values() for e in s.items()):
+        if key == 'backbone224/convnext_t' and entry['status'] == 'skipped':
+            assert 'timm' in entry['note']
+            continue
+        assert entry['status'] == 'ok', (key, entry.get('error'))
+        assert entry['median_ms'] > 0 and entry['per_s'] > 0
+        assert entry['peak_mb'] is None  # memory is a CUDA statistic
+    # The whole models ran their mask heads: the box head keeps max_per_img boxes (10 here).
+    for name in ('restv2_t', 'swin_t'):
+        assert report['sections']['detector'][f'detector/{name}/predict'][
+            'detections_per_image'] == 10
+    # ResTv2's own configs were used, not the stand-in built from Swin's.
+    assert report['sections']['detector']['detector/restv2_t/train']['config'] == \
+        'configs/maskrcnn_restv2_t_coco.py'
+    assert report['sections']['segmentor']['segmentor/restv2_t/predict']['config'] == \
+        'configs/upernet_restv2_t_ade20k.py'
+
+    # 800x1344 in the full run is 64x96 here: the styles section reuses the dense one.
+    assert report['sections']['styles']['styles/win/64x96']['note'] == 'from the dense section'
+    ratio = report['ratios']['dense/win_vs_global/infer/time']
+    dense = report['sections']['dense']
+    assert ratio['value'] == pytest.approx(dense['dense/restv2_t_win/infer']['median_ms'] /
+                                           dense['dense/restv2_t_global/infer']['median_ms'])
+    assert report['ratios']['dense/default_vs_explicit/infer/memory']['value'] is None
+
+    targets = report['targets']
+    assert [t['id'] for t in targets] == TARGET_IDS
+    for t in targets:
+        assert t['status'] in ('PASS', 'MISS', 'N/A')
+        assert f'{t["status"]:<5} {t["id"]:<3} ' in stdout  # one printed line per target
+    assert {t['id']: t['status'] for t in targets}['2b'] == 'N/A'  # no memory on the CPU
+    assert report['meta']['env']['device'].startswith('CPU')
+    assert report['meta']['env']['torch'] == torch.__version__
+    assert '--quick' in report['meta']['command'] and report['meta']['command'] in stdout
+
+    assert out_plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert out_plot.stat().st_size > 10_000
+
+
+def test_a_failing_measurement_is_reported_and_the_next_one_runs(bm):
+    bench = bm.Bench(torch.device('cpu'), amp=False)
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 9.00 GiB')
+
+    def bad_config():
+        raise KeyError('neck')
+
+    calls = []
+
+    def fails_on_second_call():
+        def step():
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError('shape mismatch')
+        return step
+
+    oom = bench.measure('dense/a/infer', out_of_memory, (0, 1))
+    err = bench.measure('dense/b/infer', bad_config, (0, 1))
+    mid = bench.measure('dense/c/infer', fails_on_second_call, (1, 3))
+    ok = bench.measure('dense/d/infer', lambda: (lambda: torch.ones(8).sum()), (1, 3), items=4)
+
+    assert oom['status'] == 'OOM' and 'out of memory' in oom['error']
+    assert err['status'] == 'error' and err['error'].startswith('KeyError')
+    assert mid['status'] == 'error' and 'shape mismatch' in mid['error']
+    assert ok['status'] == 'ok' and ok['reps'] == 3 and ok['warmup'] == 1
+    assert ok['per_s'] == pytest.approx(4e3 / ok['median_ms'])
+    assert set(bench.results) == {'dense/a/infer', 'dense/b/infer', 'dense/c/infer',
+                                  'dense/d/infer'}
+
+
+def entry(bm, key, ms, items=1, peak=None, status='ok'):
+    e = dict(key=key, section=key.split('/')[0], status=status, items=items)
+    if status == 'ok':
+        e.update(median_ms=ms, per_s=items * 1e3 / ms, peak_mb=peak)
+    return e
+
+
+def test_targets_pass_miss_or_na_from_ratios_of_the_same_run(bm):
+    s = bm.FULL
+    results = [
+        entry(bm, 'backbone224/restv2_t', 100, items=130),  # 1300 img/s
+        entry(bm, 'backbone224/swin_t', 100, items=100),  # 1000 img/s: 1.3x, on the line
+        entry(bm, 'backbone224/convnext_t', None, status='skipped'),
+        entry(bm, 'dense/restv2_t_global/infer', 10, 2, peak=500),
+        entry(bm, 'dense/restv2_t_explicit/infer', 25, 2, peak=1000),  # 2.5x, 0.5 memory
+        entry(bm, 'dense/restv2_t_global/train', 9, 2, peak=600),
+        entry(bm, 'dense/restv2_t_explicit/train', 10, 2, peak=1000),  # 0.9 time, 0.6 memory
+        entry(bm, 'dense/restv2_t_win/infer', 10.5, 2),  # 1.05x global
+        entry(bm, 'dense/restv2_t_cwin/infer', 12, 2),  # 1.2x global
+        entry(bm, 'dense/restv2_t_hwin/infer', None, status='OOM'),
+    ]
+    results = {e['key']: e for e in results}
+    ratios = bm.compute_ratios(results, bm.ratio_definitions(s))
+    targets = {t['id']: t for t in bm.check_targets(ratios, bm.target_definitions(s))}
+
+    assert targets['1a']['status'] == 'PASS' and targets['1a']['value'] == pytest.approx(1.3)
+    assert targets['1b']['status'] == 'N/A' and 'skipped' in targets['1b']['note']
+    assert targets['2a']['status'] == 'PASS' and targets['2a']['value'] == pytest.approx(2.5)
+    assert targets['2b']['status'] == 'PASS' and targets['2b']['value'] == pytest.approx(0.5)
+    assert targets['2c']['status'] == 'MISS' and targets['2c']['value'] == pytest.approx(0.9)
+    assert targets['2d']['status'] == 'MISS' and targets['2d']['value'] == pytest.approx(0.6)
+    # Without the styles section, 800x1344 style ratios come from the dense section.
+    assert targets['3a']['status'] == 'PASS'
+    assert targets['3a']['ratio'] == 'dense/win_vs_global/infer/time'
+    assert targets['3b']['status'] == 'MISS' and targets['3b']['value'] == pytest.approx(1.2)
+    assert targets['3c']['status'] == 'N/A' and 'OOM' in targets['3c']['note']
+    for i in ('3d', '4a', '4b', '4c', '5'):
+        assert targets[i]['status'] == 'N/A' and targets[i]['note'] == 'section not run'
+
+
+def test_sections_are_chosen_by_name_and_a_typo_names_the_choices(bm, capsys):
+    assert bm.parse_args(['--sections', 'segmentor, dense']).sections == ['dense', 'segmentor']
+    assert bm.parse_args([]).sections == SECTIONS
+    with pytest.raises(SystemExit):
+        bm.parse_args(['--sections', 'backbone224,detectors'])
+    err = capsys.readouterr().err
+    assert "'detectors'" in err and 'segmentor' in err
+
+
+def test_toolbox_configs_keep_no_pretrained_checkpoint(bm):
+    for path, peer, kind in ((bm.RESTV2_DET_CONFIG, bm.SWIN_DET_CONFIG, 'det'),
+                             (bm.RESTV2_SEG_CONFIG, bm.SWIN_SEG_CONFIG, 'seg'),
+                             ('configs/missing_restv2_config.py', bm.SWIN_DET_CONFIG, 'det')):
+        model, source = bm.toolbox_model_config(path, peer, kind)
+        assert 'Pretrained' not in str(model) and model.backbone.type == 'ResTv2'
+        assert model.backbone.init_cfg is None
+    # A missing ResTv2 config falls back to the peer's with the backbone and neck replaced.
+    assert 'not found' in source and model.neck.in_channels == [96, 192, 384, 768]
+    swin, _ = bm.toolbox_model_config(bm.SWIN_SEG_CONFIG, bm.SWIN_SEG_CONFIG, 'seg')
+    assert swin.backbone.type == 'SwinTransformer' and swin.backbone.init_cfg is None
+
+
+def test_profile_quick_prints_operators_and_time_by_part(tmp_path):
+    stdout = run_tool('profile_restv2', '--quick', '--row-limit', '5', '--trace-dir',
+                      str(tmp_path))
+    for mode in ('infer', 'train'):
+        assert f'\n{mode}: ResTv2-tiny attn_style=global attn_impl=sdpa, input 2x3x64x96' in stdout
+    assert stdout.count('[top 5 operators by self_cpu_time_total]') == 2
+    assert stdout.count('[time by part of the network]') == 2
+    for part in ('stem', 'patch_4', 'stage1.attn', 'stage3.mlp'):
+        assert f'\n{part} ' in stdout
+    traces = sorted(os.listdir(tmp_path))
+    assert traces == ['restv2_tiny_global_sdpa_64x96_infer.json',
+                      'restv2_tiny_global_sdpa_64x96_train.json']
