@@ -15,7 +15,8 @@ TARGET_IDS = ['1a', '1b', '2a', '2b', '2c', '2d', '3a', '3b', '3c', '3d', '4a', 
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'tools_{name}', os.path.join(TOOLS, f'{name}.py'))
+    path = os.path.join(TOOLS, f'{name}.py')
+    spec = importlib.util.spec_from_file_location(f'tools_{name}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -64,10 +65,10 @@ def test_quick_run_measures_every_section_and_writes_json_and_plot(tmp_path):
         assert entry['status'] == 'ok', (key, entry.get('error'))
         assert entry['median_ms'] > 0 and entry['per_s'] > 0
         assert entry['peak_mb'] is None  # memory is a CUDA statistic
-    # The whole models ran their mask heads: the box head keeps max_per_img boxes (10 here).
+    # The whole models ran their mask heads: the box head keeps up to max_per_img (10 here).
     for name in ('restv2_t', 'swin_t'):
-        assert report['sections']['detector'][f'detector/{name}/predict'][
-            'detections_per_image'] == 10
+        dets = report['sections']['detector'][f'detector/{name}/predict']
+        assert 0 < dets['detections_per_image'] <= 10
     # ResTv2's own configs were used, not the stand-in built from Swin's.
     assert report['sections']['detector']['detector/restv2_t/train']['config'] == \
         'configs/maskrcnn_restv2_t_coco.py'
@@ -128,7 +129,7 @@ def test_a_failing_measurement_is_reported_and_the_next_one_runs(bm):
                                   'dense/d/infer'}
 
 
-def entry(bm, key, ms, items=1, peak=None, status='ok'):
+def entry(key, ms, items=1, peak=None, status='ok'):
     e = dict(key=key, section=key.split('/')[0], status=status, items=items)
     if status == 'ok':
         e.update(median_ms=ms, per_s=items * 1e3 / ms, peak_mb=peak)
@@ -138,16 +139,16 @@ def entry(bm, key, ms, items=1, peak=None, status='ok'):
 def test_targets_pass_miss_or_na_from_ratios_of_the_same_run(bm):
     s = bm.FULL
     results = [
-        entry(bm, 'backbone224/restv2_t', 100, items=130),  # 1300 img/s
-        entry(bm, 'backbone224/swin_t', 100, items=100),  # 1000 img/s: 1.3x, on the line
-        entry(bm, 'backbone224/convnext_t', None, status='skipped'),
-        entry(bm, 'dense/restv2_t_global/infer', 10, 2, peak=500),
-        entry(bm, 'dense/restv2_t_explicit/infer', 25, 2, peak=1000),  # 2.5x, 0.5 memory
-        entry(bm, 'dense/restv2_t_global/train', 9, 2, peak=600),
-        entry(bm, 'dense/restv2_t_explicit/train', 10, 2, peak=1000),  # 0.9 time, 0.6 memory
-        entry(bm, 'dense/restv2_t_win/infer', 10.5, 2),  # 1.05x global
-        entry(bm, 'dense/restv2_t_cwin/infer', 12, 2),  # 1.2x global
-        entry(bm, 'dense/restv2_t_hwin/infer', None, status='OOM'),
+        entry('backbone224/restv2_t', 100, items=130),  # 1300 img/s
+        entry('backbone224/swin_t', 100, items=100),  # 1000 img/s: 1.3x, on the line
+        entry('backbone224/convnext_t', None, status='skipped'),
+        entry('dense/restv2_t_global/infer', 10, 2, peak=500),
+        entry('dense/restv2_t_explicit/infer', 25, 2, peak=1000),  # 2.5x, 0.5 memory
+        entry('dense/restv2_t_global/train', 9, 2, peak=600),
+        entry('dense/restv2_t_explicit/train', 10, 2, peak=1000),  # 0.9 time, 0.6 memory
+        entry('dense/restv2_t_win/infer', 10.5, 2),  # 1.05x global
+        entry('dense/restv2_t_cwin/infer', 12, 2),  # 1.2x global
+        entry('dense/restv2_t_hwin/infer', None, status='OOM'),
     ]
     results = {e['key']: e for e in results}
     ratios = bm.compute_ratios(results, bm.ratio_definitions(s))
@@ -181,12 +182,13 @@ def test_toolbox_configs_keep_no_pretrained_checkpoint(bm):
     for path, peer, kind in ((bm.RESTV2_DET_CONFIG, bm.SWIN_DET_CONFIG, 'det'),
                              (bm.RESTV2_SEG_CONFIG, bm.SWIN_SEG_CONFIG, 'seg'),
                              ('configs/missing_restv2_config.py', bm.SWIN_DET_CONFIG, 'det')):
-        model, source = bm.toolbox_model_config(path, peer, kind)
+        model, source, autotune = bm.toolbox_model_config(path, peer, kind)
+        assert autotune is (kind == 'seg')  # mmdet's env_cfg leaves cudnn autotuning off
         assert 'Pretrained' not in str(model) and model.backbone.type == 'ResTv2'
         assert model.backbone.init_cfg is None
     # A missing ResTv2 config falls back to the peer's with the backbone and neck replaced.
     assert 'not found' in source and model.neck.in_channels == [96, 192, 384, 768]
-    swin, _ = bm.toolbox_model_config(bm.SWIN_SEG_CONFIG, bm.SWIN_SEG_CONFIG, 'seg')
+    swin, _, _ = bm.toolbox_model_config(bm.SWIN_SEG_CONFIG, bm.SWIN_SEG_CONFIG, 'seg')
     assert swin.backbone.type == 'SwinTransformer' and swin.backbone.init_cfg is None
 
 

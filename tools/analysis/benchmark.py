@@ -95,12 +95,25 @@ QUICK = dict(
 class Bench:
     """Runs isolated measurements on one device and keeps their results by key."""
 
-    def __init__(self, device: torch.device, amp: bool, compile_models: bool = False):
+    def __init__(self, device: torch.device, amp: bool, compile_models: bool = False,
+                 cudnn_benchmark: bool = True):
         self.device = device
         self.cuda = device.type == 'cuda'
         self.amp = amp and self.cuda
         self.compile_models = compile_models
+        self.allow_cudnn_benchmark = cudnn_benchmark and self.cuda
         self.results: Dict[str, dict] = {}
+        torch.backends.cudnn.benchmark = self.allow_cudnn_benchmark
+
+    @contextlib.contextmanager
+    def cudnn_benchmark(self, enabled: bool):
+        """cudnn autotuning as a whole model's config asks (env_cfg.cudnn_benchmark)."""
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = bool(enabled) and self.allow_cudnn_benchmark
+        try:
+            yield torch.backends.cudnn.benchmark
+        finally:
+            torch.backends.cudnn.benchmark = before
 
     def autocast(self):
         if self.amp:
@@ -327,10 +340,13 @@ def section_backbone224(bench: Bench, s: dict, args):
                    label='ConvNeXt-T (timm)', **info)
 
 
+def style_builder(style: str) -> Callable[[], torch.nn.Module]:
+    return lambda: build_restv2('tiny', drop_path_rate=0.1, attn_style=style)
+
+
 def dense_models():
     """(name, label, builder) of the backbones compared at detection resolution."""
-    models = [(f'restv2_t_{style}', f'ResTv2-T {style}',
-               lambda st=style: build_restv2('tiny', drop_path_rate=0.1, attn_style=st))
+    models = [(f'restv2_t_{style}', f'ResTv2-T {style}', style_builder(style))
               for style in STYLES]
     models.append(('restv2_t_explicit', 'ResTv2-T global, explicit attention',
                    lambda: build_restv2('tiny', drop_path_rate=0.1, attn_impl='explicit')))
@@ -362,9 +378,8 @@ def section_styles(bench: Bench, s: dict, args):
                 bench.results[key] = entry
                 print(f'  {progress_line(entry)} (from the dense section)', flush=True)
                 continue
-            build = lambda st=style: build_restv2('tiny', drop_path_rate=0.1, attn_style=st)  # noqa: E731
-            bench.measure(key, backbone_steps(bench, build, shape, False), reps, items=B,
-                          **info)
+            bench.measure(key, backbone_steps(bench, style_builder(style), shape, False), reps,
+                          items=B, **info)
 
 
 def plot_styles(results: Dict[str, dict], sizes, path: str, title_note: str = ''):
@@ -413,13 +428,19 @@ def lighten_for_quick(model, kind: str):
 
 
 def toolbox_model_config(path: str, peer_path: str, kind: str, quick: bool = False):
-    """Model config from ``path``; where that file is missing, the peer's with ResTv2-T."""
+    """Model config from ``path``; where that file is missing, the peer's with ResTv2-T.
+
+    Returns the model config (no pretrained checkpoints), where it came from, and the
+    config's ``env_cfg.cudnn_benchmark`` (mmdet's configs leave it off, mmseg's turn it on).
+    """
     resolved = resolve_config_path(path)
     if osp.exists(resolved):
-        model = load_config(resolved).model
+        cfg = load_config(resolved)
+        model = cfg.model
         source = path
     else:
-        model = load_config(peer_path).model
+        cfg = load_config(peer_path)
+        model = cfg.model
         model.backbone = dict(type='ResTv2', arch='tiny', drop_path_rate=0.1, init_cfg=None)
         if kind == 'det':
             model.neck.in_channels = RESTV2_T_CHANNELS
@@ -431,7 +452,7 @@ def toolbox_model_config(path: str, peer_path: str, kind: str, quick: bool = Fal
     model.backbone.init_cfg = None
     if quick:
         lighten_for_quick(model, kind)
-    return model, source
+    return model, source, bool(cfg.get('env_cfg', {}).get('cudnn_benchmark', False))
 
 
 def build_toolbox_model(bench: Bench, model_cfg, scope: str):
@@ -517,8 +538,8 @@ def section_detector(bench: Bench, s: dict, args):
     H, W = s['det_size']
     for name, label, path in models:
         try:
-            model_cfg, source = toolbox_model_config(path, SWIN_DET_CONFIG, 'det',
-                                                     s.get('quick', False))
+            model_cfg, source, autotune = toolbox_model_config(
+                path, SWIN_DET_CONFIG, 'det', s.get('quick', False))
         except Exception as e:  # noqa: BLE001
             for mode in ('predict', 'train'):
                 bench.results[f'detector/{name}/{mode}'] = dict(
@@ -526,7 +547,8 @@ def section_detector(bench: Bench, s: dict, args):
                     status='error', error=f'config {path}: {type(e).__name__}: {e}')
             print(f'  ! {path}: {e}', file=sys.stderr)
             continue
-        with DefaultScope.overwrite_default_scope('mmdet'):
+        with DefaultScope.overwrite_default_scope('mmdet'), \
+                bench.cudnn_benchmark(autotune) as autotune:
             dets = []
 
             def setup_predict():
@@ -544,7 +566,7 @@ def section_detector(bench: Bench, s: dict, args):
 
             e = bench.measure(f'detector/{name}/predict', setup_predict, s['det_predict_reps'],
                               items=1, unit='FPS', label=label, config=source,
-                              input=[1, 3, H, W], mode='predict')
+                              input=[1, 3, H, W], mode='predict', cudnn_benchmark=autotune)
             if dets:
                 e['detections_per_image'] = float(np.mean(dets))
 
@@ -556,7 +578,8 @@ def section_detector(bench: Bench, s: dict, args):
 
             B = s['det_train_batch']
             bench.measure(f'detector/{name}/train', setup_train, s['det_train_reps'], items=B,
-                          label=label, config=source, input=[B, 3, H, W], mode='train')
+                          label=label, config=source, input=[B, 3, H, W], mode='train',
+                          cudnn_benchmark=autotune)
 
 
 def seg_data(bench: Bench, size, batch: int, seed: int = 0) -> dict:
@@ -582,15 +605,16 @@ def section_segmentor(bench: Bench, s: dict, args):
     for name, label, path in models:
         key = f'segmentor/{name}/predict'
         try:
-            model_cfg, source = toolbox_model_config(path, SWIN_SEG_CONFIG, 'seg',
-                                                     s.get('quick', False))
+            model_cfg, source, autotune = toolbox_model_config(
+                path, SWIN_SEG_CONFIG, 'seg', s.get('quick', False))
         except Exception as e:  # noqa: BLE001
             bench.results[key] = dict(key=key, section='segmentor', label=label,
                                       status='error',
                                       error=f'config {path}: {type(e).__name__}: {e}')
             print(f'  ! {path}: {e}', file=sys.stderr)
             continue
-        with DefaultScope.overwrite_default_scope('mmseg'):
+        with DefaultScope.overwrite_default_scope('mmseg'), \
+                bench.cudnn_benchmark(autotune) as autotune:
 
             def setup_predict():
                 model = build_toolbox_model(bench, model_cfg, 'mmseg').eval()
@@ -603,7 +627,8 @@ def section_segmentor(bench: Bench, s: dict, args):
                 return step
 
             bench.measure(key, setup_predict, s['seg_predict_reps'], items=1, unit='FPS',
-                          label=label, config=source, input=[1, 3, H, W], mode='predict')
+                          label=label, config=source, input=[1, 3, H, W], mode='predict',
+                          cudnn_benchmark=autotune)
 
 
 SECTION_RUNNERS = dict(backbone224=section_backbone224, dense=section_dense,
@@ -775,7 +800,8 @@ def print_report(meta: dict, results: Dict[str, dict], ratios: Dict[str, dict],
     by_section: Dict[str, List[dict]] = {}
     for e in results.values():
         by_section.setdefault(e['section'], []).append(e)
-    head = f'{"measurement":<44} {"input":>16} {"median ms":>10} {"rate":>14} {"peak MB":>9}  status'
+    head = (f'{"measurement":<44} {"input":>16} {"median ms":>10} {"rate":>14} '
+            f'{"peak MB":>9}  status')
     for section in SECTIONS:
         if section not in by_section:
             continue
@@ -823,7 +849,8 @@ def parse_args(argv=None):
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile every backbone first (warm-up includes compiling)')
     parser.add_argument('--no-cudnn-benchmark', action='store_true',
-                        help='leave torch.backends.cudnn.benchmark off')
+                        help='leave torch.backends.cudnn.benchmark off everywhere (default: '
+                        'on for the backbones; whole models follow their configs\' env_cfg)')
     parser.add_argument('--raw-det-head', action='store_true',
                         help='keep the random Mask R-CNN box head as initialised (it then '
                         'detects almost nothing and the mask head hardly runs); by default '
@@ -886,16 +913,16 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = select_device(args)
     settings = dict(QUICK if args.quick else FULL)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     torch.manual_seed(0)
     quiet_mmengine()
-    bench = Bench(device, amp=not args.no_amp, compile_models=args.compile)
+    bench = Bench(device, amp=not args.no_amp, compile_models=args.compile,
+                  cudnn_benchmark=not args.no_cudnn_benchmark)
     meta = dict(
         command=command_line(argv),
         env=environment(device), quick=args.quick, sections=args.sections,
         amp='fp16 autocast' if bench.amp else 'off (float32)', compile=args.compile,
-        cudnn_benchmark=device.type == 'cuda' and not args.no_cudnn_benchmark,
+        cudnn_benchmark='backbones: on; whole models: as their env_cfg' if
+        bench.allow_cudnn_benchmark else 'off',
         timer='CUDA events' if bench.cuda else 'time.perf_counter',
         started=time.strftime('%Y-%m-%d %H:%M:%S'),
         settings={k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()})
