@@ -42,10 +42,19 @@ def _numpy_safe_globals():
 
 
 def register_safe_globals():
-    """Allow the types found in ResTv2 and mmengine checkpoints in ``torch.load``."""
+    """Allow the types found in ResTv2 and mmengine checkpoints in ``torch.load``.
+
+    The set is what ``torch.serialization.get_unsafe_globals_in_checkpoint`` reports for
+    the authors' files and for the checkpoints mmengine's Runner saves (mmdet and mmseg;
+    AMP adds only the loss scaler's plain numbers): ``argparse.Namespace``; mmengine's
+    ``HistoryBuffer`` (the message hub's logs) with the numpy arrays and scalars it holds;
+    and ``getattr``, through which a pickled ``HistoryBuffer`` names its statistics
+    methods (``getattr(HistoryBuffer, 'mean')``). ``getattr`` only looks an attribute up: the
+    weights-only unpickler still refuses to call anything outside this list.
+    """
     from mmengine.logging import HistoryBuffer
     torch.serialization.add_safe_globals(
-        [argparse.Namespace, HistoryBuffer, *_numpy_safe_globals()])
+        [argparse.Namespace, HistoryBuffer, getattr, *_numpy_safe_globals()])
 
 
 def extract_backbone_state(checkpoint: dict, prefix: Optional[str] = None) -> 'OrderedDict':
