@@ -198,7 +198,7 @@ def test_segmentation_demo_overlays_colours(images, tmp_path, capsys):
     original = cv2.imread(str(images / 'img1.jpg'))
     assert drawn.shape == original.shape
     assert np.abs(drawn.astype(int) - original.astype(int)).mean() > 5
-    assert 'classes in the picture' in capsys.readouterr().out
+    assert 'in the picture: ' in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- converter

@@ -146,7 +146,8 @@ def segment(cfg, img, checkpoint, args):
     labels = result.pred_sem_seg.data.unique().tolist()
     classes = model.dataset_meta.get('classes') or []
     names = [classes[i] if i < len(classes) else str(i) for i in labels]
-    return f'{len(labels)} classes in the picture: {", ".join(map(str, names[:10]))}'
+    noun = 'class' if len(labels) == 1 else 'classes'
+    return f'{len(labels)} {noun} in the picture: {", ".join(map(str, names[:10]))}'
 
 
 def main(argv=None):

@@ -44,7 +44,7 @@ def parse_args(argv=None):
                         help='override config settings, key=value')
     args = parser.parse_args(argv)
     if (args.config is None) == (args.backbone is None):
-        parser.error('give either a CONFIG or --backbone ARCH (not both)')
+        parser.error('give one of CONFIG and --backbone ARCH')
     if args.backbone_only and args.config is None:
         parser.error('--backbone-only needs a CONFIG')
     if args.shape is not None:
