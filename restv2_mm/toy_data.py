@@ -1,8 +1,10 @@
 """A small synthetic dataset of shapes, written in the on-disk formats of COCO and ADE20K.
 
-Every image is a textured, noisy background with a few filled shapes (circles, squares,
-triangles, stars, crosses) of random colour, size, rotation and aspect, some of them
-overlapping, and a few thin clutter strokes that belong to no class. The same scene is
+Every image is a textured, noisy, greyish background with a few filled shapes (circles,
+squares, triangles, stars, crosses) of random size, rotation and aspect, some of them
+overlapping, and a few thin clutter strokes of any colour that belong to no class. Shapes
+are saturated colours; each class draws its hue from its own band, and neighbouring bands
+overlap, so colour hints at the class and the outline settles it. The same scene is
 written in two layouts, so the real toolboxes' datasets, pipelines and metrics read it
 unchanged::
 
@@ -40,6 +42,10 @@ COCO_SPLITS = {'train': 'train2017', 'val': 'val2017'}
 ADE_SPLITS = {'train': ('training', 'ADE_train'), 'val': ('validation', 'ADE_val')}
 KINDS = ('coco', 'ade', 'both')
 
+# Each class draws its hues (OpenCV's 0-180 scale) around its own centre; neighbouring bands
+# overlap, so colour hints at the class and the outline decides.
+CLASS_HUES = (0, 36, 72, 108, 144)
+HUE_SPREAD = 15  # standard deviation
 MIN_VISIBLE_FRACTION = 0.5  # of an instance's own area, after later shapes cover it
 SPLIT_CODES = {'train': 0, 'val': 1}
 
@@ -93,12 +99,22 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int,
     return out.reshape(height, width, channels)
 
 
+def _hsv_colour(rng: np.random.Generator, saturation, value, hue=None) -> np.ndarray:
+    """A BGR colour (float, 0-255) with saturation and value drawn from the given ranges and
+    the given hue (OpenCV's 0-180 scale), or a random one."""
+    hue = rng.uniform(0, 180) if hue is None else hue % 180
+    hsv = np.array([[[hue, 255 * rng.uniform(*saturation), 255 * rng.uniform(*value)]]])
+    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
+
+
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    base = rng.uniform(40, 215, 3)
+    """Greyish (low-saturation) ground with blotches, fine noise and sometimes stripes."""
+    base = _hsv_colour(rng, (0.0, 0.35), (0.3, 0.85))
     img = np.empty((height, width, 3), np.float32)
     img[:] = base
-    img += 45 * _smooth_noise(rng, height, width, int(rng.integers(2, 5)))
-    img += 20 * _smooth_noise(rng, height, width, int(rng.integers(8, 16)))
+    img += 40 * _smooth_noise(rng, height, width, int(rng.integers(2, 5)), channels=1)
+    img += 12 * _smooth_noise(rng, height, width, int(rng.integers(2, 5)))
+    img += 20 * _smooth_noise(rng, height, width, int(rng.integers(8, 16)), channels=1)
     if rng.random() < 0.5:  # stripes
         yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
         angle = rng.uniform(0, np.pi)
@@ -108,11 +124,14 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return img
 
 
-def _shape_colour(rng: np.random.Generator, background_mean: np.ndarray) -> np.ndarray:
-    """A colour that stands out from the background (Euclidean RGB distance > 90)."""
+def _shape_colour(rng: np.random.Generator, label: int,
+                  background_mean: np.ndarray) -> np.ndarray:
+    """A saturated colour of the class's band of hues that stands out from the background
+    (RGB distance > 80)."""
     for _ in range(50):
-        colour = rng.uniform(0, 255, 3)
-        if np.linalg.norm(colour - background_mean) > 90:
+        hue = CLASS_HUES[label] + rng.normal(0, HUE_SPREAD)
+        colour = _hsv_colour(rng, (0.65, 1.0), (0.5, 1.0), hue)
+        if np.linalg.norm(colour - background_mean) > 80:
             return colour
     return 255 - background_mean
 
@@ -123,8 +142,8 @@ def _paint_shape(rng, img, mask, colour):
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi)
     gradient = (np.cos(angle) * xx + np.sin(angle) * yy) / max(height, width)
-    shade = colour[None, None] + rng.uniform(20, 50) * gradient[..., None]
-    shade = shade + 15 * _smooth_noise(rng, height, width, int(rng.integers(6, 12)))
+    shade = colour[None, None] + rng.uniform(15, 35) * gradient[..., None]
+    shade = shade + 8 * _smooth_noise(rng, height, width, int(rng.integers(6, 12)))
     m = mask.astype(bool)
     img[m] = shade[m]
 
@@ -184,7 +203,7 @@ def make_scene(rng: np.random.Generator, size: int, max_instances: Optional[int]
                 labels.append(label)
                 full_masks.append(mask)
                 owner = new_owner
-                _paint_shape(rng, img, mask, _shape_colour(rng, bg_mean))
+                _paint_shape(rng, img, mask, _shape_colour(rng, label, bg_mean))
                 break
 
     img += rng.normal(0, 6, img.shape).astype(np.float32)  # sensor noise
