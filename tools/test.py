@@ -67,7 +67,7 @@ def _show_pictures(cfg, toolbox: str, args):
         return show_dir
     hook['interval'] = 1  # every test image, not every 50th
     cfg.visualizer['save_dir'] = show_dir
-    return osp.join(show_dir, 'vis_image')
+    return osp.join(show_dir, 'vis_data', 'vis_image')  # where LocalVisBackend writes
 
 
 def _with_tta(cfg, toolbox: str):
