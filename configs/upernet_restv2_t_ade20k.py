@@ -5,7 +5,7 @@
 # Paper Table 5: 62.1M parameters (with the auxiliary head), 977 GFLOPs at 2048 x 512,
 # 47.3 mIoU (multi-scale).
 #
-#   python tools/train.py configs/upernet_restv2_t_ade20k.py  # data in data/ade/ADEChallengeData2016
+#   python tools/train.py configs/upernet_restv2_t_ade20k.py   # data/ade/ADEChallengeData2016
 #   bash tools/dist_train.sh configs/upernet_restv2_t_ade20k.py 8
 _base_ = [
     'mmseg::_base_/models/upernet_swin.py',

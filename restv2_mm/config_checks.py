@@ -150,8 +150,7 @@ def _pretrained_files(node, where: str = 'model') -> Iterator[Tuple[str, str]]:
 def check_pretrained(cfg) -> None:
     """Raise :class:`ConfigCheckError` if a pretrained weight file of the model is missing."""
     for key, path in _pretrained_files(cfg.get('model')):
-        if _is_url(path) or osp.isfile(path) or path.startswith(('open-mmlab://',
-                                                                 'torchvision://')):
+        if _is_url(path) or osp.isfile(path):  # URLs (also open-mmlab://) download
             continue
         raise ConfigCheckError(
             f'The pretrained weights {path!r} named by {key} do not exist (working '

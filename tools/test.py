@@ -70,7 +70,7 @@ def _show_pictures(cfg, toolbox: str, args):
     return osp.join(show_dir, 'vis_data', 'vis_image')  # where LocalVisBackend writes
 
 
-def _with_tta(cfg, toolbox: str):
+def _with_tta(cfg):
     if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
         raise ConfigCheckError('--tta needs tta_model and tta_pipeline in the config.')
     from mmengine.config import ConfigDict
@@ -91,7 +91,7 @@ def build_test_config(args):
     cfg.resume = False
     pictures = _show_pictures(cfg, toolbox, args) if args.show or args.show_dir else None
     if args.tta:
-        _with_tta(cfg, toolbox)
+        _with_tta(cfg)
     if args.out is not None and toolbox == 'mmseg':
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
