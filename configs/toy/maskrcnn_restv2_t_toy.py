@@ -80,6 +80,6 @@ param_scheduler = [
 auto_scale_lr = dict(enable=False)
 default_hooks = dict(
     logger=dict(interval=10),
-    checkpoint=dict(interval=1, max_keep_ckpts=2))
+    checkpoint=dict(interval=1, max_keep_ckpts=1))
 log_processor = dict(window_size=10)
 randomness = dict(seed=0)  # the same numbers on every run of the demo
