@@ -10,6 +10,7 @@ ImageNet checkpoints, so those files load unchanged. The backbone also offers th
 attention styles that the paper measures for detection (Table 3): ``'win'``, ``'cwin'`` and
 ``'hwin'`` next to the default ``'global'``.
 """
+import functools
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -48,29 +49,43 @@ ATTENTION_KERNELS: Dict[str, Callable] = {
 
 
 # --------------------------------------------------------------------------------------
-# Window partition and its reverse (maps are B, H, W, C, H and W multiples of the window).
+# Windows. A token map is laid out in windows by one gather of its tokens and put back by
+# one more; padding to whole windows lives only in these index tables.
 # --------------------------------------------------------------------------------------
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """B, H, W, C -> B * nH * nW, window * window, C."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // window, window, W // window, window, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
+@functools.lru_cache(maxsize=128)
+def window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
+    """How an H x W token map (row-major tokens) is laid out in window x window windows.
+
+    The map is padded at the bottom and right to whole windows. Returns
+
+    - gather (nW * window * window,): the token each windowed cell takes, windows in
+      row-major order; a padding cell repeats the nearest real token, so it stays finite;
+    - scatter (H * W,): where each token sits in the windowed layout (the reverse);
+    - real (nW, window * window), bool: False for padding cells.
+    """
+    nH, nW = -(-H // window), -(-W // window)
+    rows = torch.arange(nH * window, device=device)
+    cols = torch.arange(nW * window, device=device)
+
+    def windowed(grid):  # Hp, Wp -> nW, window * window
+        grid = grid.view(nH, window, nW, window).transpose(1, 2)
+        return grid.reshape(nH * nW, window * window)
+
+    gather = windowed(rows.clamp(max=H - 1)[:, None] * W + cols.clamp(max=W - 1)[None, :])
+    real = windowed((rows < H)[:, None] & (cols < W)[None, :])
+    place = torch.arange(gather.numel(), device=device).view(nH, nW, window, window)
+    scatter = place.transpose(1, 2).reshape(nH * window, nW * window)[:H, :W].reshape(-1)
+    return gather.reshape(-1), scatter, real
 
 
-def window_reverse(x: torch.Tensor, window: int, B: int, H: int, W: int) -> torch.Tensor:
-    """B * nH * nW, window * window, C -> B, H, W, C."""
-    C = x.shape[-1]
-    x = x.view(B, H // window, W // window, window, window, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad a B, H, W, C map at the bottom and right to whole multiples."""
-    H, W = x.shape[1:3]
-    pad_h, pad_w = -H % multiple, -W % multiple
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    return x
+@functools.lru_cache(maxsize=64)
+def window_key_mask(B: int, H: int, W: int, window: int, device) -> Optional[torch.Tensor]:
+    """Which keys of each window are real: bool, B * nW, 1, 1, window * window (broadcast
+    over heads and queries); None when the map is a whole number of windows."""
+    if H % window == 0 and W % window == 0:
+        return None
+    real = window_layout(H, W, window, device)[2]
+    return real[:, None, None, :].repeat(B, 1, 1, 1)
 
 
 def as_nchw(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -86,20 +101,67 @@ def as_tokens(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------
-class LayerNorm(nn.LayerNorm):
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs matrix products in on x's device, or None outside autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+class HalfWeights:
+    """Mixin for layers with ``weight`` and ``bias``: their copies in a half dtype.
+
+    Autocast casts every weight on every call, one copy kernel each (about 170 per forward
+    of ResTv2-T); at detection sizes the forward is bound by such launches on the host. Under
+    no_grad the copies are kept until the weights change (a new version, device or storage);
+    with gradients, and while torch.compile traces, they are made afresh as autocast would.
+    """
+
+    def _params_as(self, dtype: torch.dtype):
+        w, b = self.weight, self.bias
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return w.to(dtype), None if b is None else b.to(dtype)
+        key = (dtype, w.data_ptr(), w._version,
+               None if b is None else (b.data_ptr(), b._version))
+        cached = self.__dict__.get('_half_copies')
+        if cached is None or cached[0] != key:
+            cached = (key, w.to(dtype), None if b is None else b.to(dtype))
+            self.__dict__['_half_copies'] = cached
+        return cached[1:]
+
+
+class Linear(HalfWeights, nn.Linear):
+    """``nn.Linear`` that reuses its half weights in inference under autocast."""
+
+    def forward(self, x):
+        dtype = autocast_dtype(x)
+        if dtype is None or torch.is_grad_enabled():
+            return super().forward(x)
+        return F.linear(x, *self._params_as(dtype))
+
+
+class Conv2d(HalfWeights, nn.Conv2d):
+    """``nn.Conv2d`` that reuses its half weights in inference under autocast."""
+
+    def forward(self, x):
+        dtype = autocast_dtype(x)
+        if dtype is None or torch.is_grad_enabled():
+            return super().forward(x)
+        return self._conv_forward(x, *self._params_as(dtype))
+
+
+class LayerNorm(HalfWeights, nn.LayerNorm):
     """``nn.LayerNorm`` (eps 1e-6) that keeps half-precision activations half under autocast.
 
     Autocast runs layer_norm in float32 and returns float32, so each of ResTv2's ~50 norms
     would move twice the bytes and the layer after it would cast back (a third of the GPU
     time of the T backbone at 224 x 224, batch 128). The CUDA kernel accumulates half inputs
     in float32, so the result equals autocast's up to the final rounding. It needs weights
-    of the input's dtype: under no_grad their half copies are kept until the weights change.
-    Outside autocast this is nn.LayerNorm.
+    of the input's dtype (see :class:`HalfWeights`). Outside autocast this is nn.LayerNorm.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__(dim, eps=eps)
-        self._cast_cache = {}
 
     def forward(self, x):
         if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
@@ -108,17 +170,6 @@ class LayerNorm(nn.LayerNorm):
             with torch.autocast(x.device.type, enabled=False):
                 return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         return super().forward(x)
-
-    def _params_as(self, dtype):
-        if torch.is_grad_enabled():
-            return self.weight.to(dtype), self.bias.to(dtype)
-        key = (self.weight.data_ptr(), self.weight._version, self.bias.data_ptr(),
-               self.bias._version)
-        cached = self._cast_cache.get(dtype)
-        if cached is None or cached[0] != key:
-            cached = (key, self.weight.to(dtype), self.bias.to(dtype))
-            self._cast_cache[dtype] = cached
-        return cached[1:]
 
 
 class DropPath(nn.Module):
@@ -144,7 +195,7 @@ class PA(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.pa_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.pa_conv = Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x):
         return x * torch.sigmoid(self.pa_conv(x))
@@ -160,13 +211,13 @@ class ConvStem(nn.Module):
         super().__init__()
         hidden = embed_dim // 2
         self.proj = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1, bias=False),
+            Conv2d(in_channels, hidden, 3, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, embed_dim, 3, stride=2, padding=1, bias=False),
+            Conv2d(hidden, embed_dim, 3, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(embed_dim),
             nn.ReLU(inplace=True),
-            nn.Conv2d(embed_dim, embed_dim, 1),
+            Conv2d(embed_dim, embed_dim, 1),
         )
         self.pos = PA(embed_dim)
         self.norm = LayerNorm(embed_dim)
@@ -185,7 +236,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
+        self.proj = Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
         self.pos = PA(out_dim)
         self.norm = LayerNorm(out_dim)
 
@@ -199,9 +250,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -237,16 +288,16 @@ class EMSAv2(nn.Module):
         self.window_size = window_size
         self.set_attn_impl(attn_impl)
 
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, dim * 2)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, dim * 2)
         if sr_ratio > 1:
-            self.sr = nn.Conv2d(
+            self.sr = Conv2d(
                 dim, dim, sr_ratio + 1, stride=sr_ratio, padding=sr_ratio // 2, groups=dim)
             self.sr_norm = LayerNorm(dim)
         self.up = nn.Sequential(
-            nn.Conv2d(dim, sr_ratio * sr_ratio * dim, 3, padding=1, groups=dim))
+            Conv2d(dim, sr_ratio * sr_ratio * dim, 3, padding=1, groups=dim))
         self.up_norm = LayerNorm(dim)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def set_attn_impl(self, attn_impl: str):
         if attn_impl not in ATTENTION_KERNELS:
@@ -296,22 +347,15 @@ class EMSAv2(nn.Module):
     def _window_attention(self, q, kv, H, W, Hr, Wr):
         B, N, C = q.shape
         ws, wr = self.window_size, self.window_size // self.sr_ratio
-        q = pad_to_multiple(q.view(B, H, W, C), ws)
-        Hp, Wp = q.shape[1:3]
-        kv = pad_to_multiple(kv.view(B, Hr, Wr, 2 * C), wr)
-        qw = window_partition(q, ws)  # B*nW, ws*ws, C
-        kw, vw = window_partition(kv, wr).chunk(2, dim=-1)  # B*nW, wr*wr, C each
-
-        key_mask = None
-        if kv.shape[1] != Hr or kv.shape[2] != Wr:
-            real = kv.new_zeros((1, kv.shape[1], kv.shape[2], 1), dtype=torch.bool)
-            real[:, :Hr, :Wr] = True
-            real = window_partition(real, wr)  # nW, wr*wr, 1
-            key_mask = real.transpose(1, 2).unsqueeze(1).repeat(B, 1, 1, 1)  # B*nW,1,1,S
-
+        q_gather, q_scatter, _ = window_layout(H, W, ws, q.device)
+        kv_gather = window_layout(Hr, Wr, wr, q.device)[0]
+        # B, N, C -> B * nW, ws * ws, C; the reduced map in the same windows, wr * wr cells each
+        qw = q.index_select(1, q_gather).view(-1, ws * ws, C)
+        kw, vw = kv.index_select(1, kv_gather).view(-1, wr * wr, 2 * C).chunk(2, dim=-1)
+        key_mask = window_key_mask(B, Hr, Wr, wr, q.device)
         out = self.attend(self._heads(qw), self._heads(kw), self._heads(vw), key_mask)
-        out = window_reverse(out.transpose(1, 2).flatten(2), ws, B, Hp, Wp)
-        return out[:, :H, :W].reshape(B, N, C)
+        out = out.transpose(1, 2).reshape(B, -1, C)  # B * nW, h, S, d -> B, nW * S, C
+        return out.index_select(1, q_scatter)  # padding cells dropped
 
 
 class Block(nn.Module):
@@ -345,7 +389,7 @@ class CrossWindowConv(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int = 7):
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.conv = Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 

@@ -306,3 +306,29 @@ def test_backbone_runs_under_autocast():
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         outs = model(torch.rand(1, 3, 64, 64))
     assert all(o.dtype == torch.bfloat16 and torch.isfinite(o.float()).all() for o in outs)
+
+
+@pytest.mark.parametrize('make', [
+    lambda: torch.nn.Linear(32, 48),
+    lambda: torch.nn.Conv2d(32, 64, 3, padding=1, groups=32),
+])
+def test_half_weights_are_reused_in_inference_and_follow_new_weights(make):
+    from restv2_mm.restv2 import Conv2d, Linear
+    plain = make()
+    ours = (Linear(32, 48) if isinstance(plain, torch.nn.Linear) else
+            Conv2d(32, 64, 3, padding=1, groups=32))
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 32, 8, 8) if isinstance(plain, torch.nn.Conv2d) else torch.randn(5, 32)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        first = ours(x)
+        copies = ours._params_as(torch.bfloat16)
+        assert all(a is b for a, b in zip(copies, ours._params_as(torch.bfloat16)))
+        torch.testing.assert_close(first, plain(x))  # what autocast gives, bit for bit
+    plain.weight.data.mul_(2)
+    ours.load_state_dict(plain.state_dict())  # new weights: the copies follow
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        torch.testing.assert_close(ours(x), plain(x))
+    # with gradients nothing is kept, and gradients reach the float32 weights
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ours(x).float().sum().backward()
+    assert ours.weight.grad is not None and ours.weight.grad.dtype == torch.float32
