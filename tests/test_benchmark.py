@@ -204,3 +204,22 @@ def test_profile_quick_prints_operators_and_time_by_part(tmp_path):
     traces = sorted(os.listdir(tmp_path))
     assert traces == ['restv2_tiny_global_sdpa_64x96_infer.json',
                       'restv2_tiny_global_sdpa_64x96_train.json']
+
+
+def test_rounds_keep_each_measurements_lowest_median(bm):
+    best = {}
+    bm.keep_best_rounds(best, {'a': dict(status='ok', median_ms=9.0, peak_mb=1),
+                               'b': dict(status='OOM', median_ms=None)})
+    bm.keep_best_rounds(best, {'a': dict(status='ok', median_ms=7.0, peak_mb=2),
+                               'b': dict(status='ok', median_ms=5.0)})
+    bm.keep_best_rounds(best, {'a': dict(status='ok', median_ms=8.0, peak_mb=3),
+                               'b': dict(status='error', median_ms=None)})
+    assert best['a']['median_ms'] == 7.0 and best['a']['peak_mb'] == 2
+    assert best['a']['round_medians_ms'] == [9.0, 7.0, 8.0]
+    assert best['b']['status'] == 'ok' and best['b']['round_medians_ms'] == [None, 5.0, None]
+
+
+def test_rounds_must_be_positive(bm, capsys):
+    with pytest.raises(SystemExit):
+        bm.parse_args(['--rounds', '0'])
+    assert '--rounds 0' in capsys.readouterr().err
