@@ -62,7 +62,15 @@ def window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ..
       row-major order; a padding cell repeats the nearest real token, so it stays finite;
     - scatter (H * W,): where each token sits in the windowed layout (the reverse);
     - real (nW, window * window), bool: False for padding cells.
+
+    The tables are cached, so they are made as normal tensors even under inference_mode:
+    a training step may use them next.
     """
+    with torch.inference_mode(False):
+        return _window_layout(H, W, window, device)
+
+
+def _window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
     nH, nW = -(-H // window), -(-W // window)
     rows = torch.arange(nH * window, device=device)
     cols = torch.arange(nW * window, device=device)
@@ -85,7 +93,8 @@ def window_key_mask(B: int, H: int, W: int, window: int, device) -> Optional[tor
     if H % window == 0 and W % window == 0:
         return None
     real = window_layout(H, W, window, device)[2]
-    return real[:, None, None, :].repeat(B, 1, 1, 1)
+    with torch.inference_mode(False):
+        return real[:, None, None, :].repeat(B, 1, 1, 1)
 
 
 def as_nchw(x: torch.Tensor, H: int, W: int) -> torch.Tensor:

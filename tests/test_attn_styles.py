@@ -193,3 +193,14 @@ def test_styles_with_cp_and_both_attention_paths(style):
 def test_bad_style_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ResTv2('tiny', **kwargs)
+
+
+def test_windows_train_after_a_first_forward_under_inference_mode():
+    """The cached window tables must not be inference tensors: a training step uses them."""
+    model = ResTv2('tiny', attn_style='win', window_size=(16, 8, 4, 2))
+    x = torch.rand(1, 3, 100, 140)  # no stage map is a whole number of windows
+    with torch.inference_mode():
+        model.eval()(x)
+    outs = model.train()(x)
+    sum(o.sum() for o in outs).backward()
+    assert model.stage1[0].attn.q.weight.grad is not None
