@@ -308,17 +308,17 @@ def test_backbone_runs_under_autocast():
     assert all(o.dtype == torch.bfloat16 and torch.isfinite(o.float()).all() for o in outs)
 
 
-@pytest.mark.parametrize('make', [
-    lambda: torch.nn.Linear(32, 48),
-    lambda: torch.nn.Conv2d(32, 64, 3, padding=1, groups=32),
+@pytest.mark.parametrize('layer,args,kwargs,x_shape', [
+    ('Linear', (32, 48), {}, (5, 32)),
+    ('Conv2d', (32, 64, 3), dict(padding=1, groups=32), (2, 32, 8, 8)),
 ])
-def test_half_weights_are_reused_in_inference_and_follow_new_weights(make):
-    from restv2_mm.restv2 import Conv2d, Linear
-    plain = make()
-    ours = (Linear(32, 48) if isinstance(plain, torch.nn.Linear) else
-            Conv2d(32, 64, 3, padding=1, groups=32))
+def test_half_weights_are_reused_in_inference_and_follow_new_weights(layer, args, kwargs,
+                                                                     x_shape):
+    from restv2_mm import restv2
+    plain = getattr(torch.nn, layer)(*args, **kwargs)
+    ours = getattr(restv2, layer)(*args, **kwargs)
     ours.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 32, 8, 8) if isinstance(plain, torch.nn.Conv2d) else torch.randn(5, 32)
+    x = torch.randn(x_shape)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         first = ours(x)
         copies = ours._params_as(torch.bfloat16)
