@@ -354,7 +354,7 @@ class EMSAv2(nn.Module):
         return out.transpose(1, 2).flatten(2)  # B, h, N, d -> B, N, C
 
     def _window_attention(self, q, kv, H, W, Hr, Wr):
-        B, N, C = q.shape
+        B, _, C = q.shape
         ws, wr = self.window_size, self.window_size // self.sr_ratio
         q_gather, q_scatter, _ = window_layout(H, W, ws, q.device)
         kv_gather = window_layout(Hr, Wr, wr, q.device)[0]
