@@ -1,7 +1,7 @@
 """restv2_mm: the ResTv2 backbone for mmdet 3.x and mmseg 1.x."""
 from .checkpoint import extract_backbone_state, load_backbone, register_safe_globals
 from .registry import register_all
-from .restv2 import EMSAv2, ResTv2
+from .models import EMSAv2, ResTv2
 from .version import __version__
 
 register_safe_globals()

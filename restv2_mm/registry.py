@@ -2,7 +2,7 @@
 import importlib
 from typing import List
 
-from .restv2 import ResTv2
+from .models import ResTv2
 
 TOOLBOX_REGISTRIES = ('mmdet.registry', 'mmseg.registry')
 

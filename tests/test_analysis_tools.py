@@ -16,7 +16,9 @@ import torch
 
 from reference_restv2 import RefResTv2
 from restv2_mm import ResTv2
-from restv2_mm import analysis as A
+from restv2_mm.analysis.flops import count_flops
+from restv2_mm.analysis.fourier import block_names, relative_log_amplitude
+from restv2_mm.utils.tool import build_model, load_config, run_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET_TOY = osp.join(ROOT, 'configs', 'toy', 'maskrcnn_restv2_t_toy.py')
@@ -43,7 +45,7 @@ def run(name, *argv):
         for handler in logger.handlers:
             if type(handler).__name__ == 'StreamHandler':
                 handler.stream = sys.stderr
-    return A.run_tool(load_tool(name).main, [str(a) for a in argv])
+    return run_tool(load_tool(name).main, [str(a) for a in argv])
 
 
 def table_rows(out):
@@ -73,9 +75,9 @@ def images(tmp_path_factory):
 @pytest.fixture(scope='module')
 def det_checkpoint(tmp_path_factory):
     """The toy Mask R-CNN with random weights, its box head made sure of class 0."""
-    cfg = A.load_config(DET_TOY)
+    cfg = load_config(DET_TOY)
     torch.manual_seed(0)
-    model = A.build_model(cfg)
+    model = build_model(cfg)
     model.init_weights()
     with torch.no_grad():
         model.roi_head.bbox_head.fc_cls.bias[0] = 8.
@@ -113,7 +115,7 @@ def test_attention_products_are_counted():
     """QK^T and AV of every block: 2 x N_queries x N_keys x C multiply-adds, none lost to the
     fused kernel (the model is built on the SDPA path)."""
     model = ResTv2('tiny', attn_impl='sdpa').eval()
-    result = A.count_flops(model, torch.zeros(1, 3, 224, 224))
+    result = count_flops(model, torch.zeros(1, 3, 224, 224))
     expected = 0
     for i, (c, r, d) in enumerate(zip(model.embed_dims, model.sr_ratios, model.depths)):
         side = 56 // 2**i
@@ -146,8 +148,8 @@ def test_relative_log_amplitude_tells_smooth_from_noisy_maps():
     torch.manual_seed(0)
     noise = torch.randn(2, 8, 32, 32)
     smooth = torch.nn.functional.avg_pool2d(noise, 5, stride=1, padding=2)
-    noisy_curve = A.relative_log_amplitude(noise)
-    smooth_curve = A.relative_log_amplitude(smooth)
+    noisy_curve = relative_log_amplitude(noise)
+    smooth_curve = relative_log_amplitude(smooth)
     assert len(noisy_curve) == 16 and noisy_curve[0] == 0
     assert abs(noisy_curve[-1]) < 0.5  # white noise: flat spectrum
     assert smooth_curve[-1] < -2  # blurred: high frequencies damped
@@ -163,7 +165,7 @@ def test_fourier_analysis_writes_plot_and_one_csv_row_per_block(images, det_chec
     assert cv2.imread(str(png)) is not None
     with open(out_dir / 'fourier_maskrcnn_restv2_t_toy.csv') as f:
         rows = list(csv.DictReader(f))
-    assert [r['block'] for r in rows] == A.block_names(ResTv2('tiny'))  # 11 blocks of T
+    assert [r['block'] for r in rows] == block_names(ResTv2('tiny'))  # 11 blocks of T
     for r in rows:
         assert float(r['log_amp_0.0pi']) == 0
         assert float(r['delta_log_amplitude']) == pytest.approx(float(r['log_amp_1.0pi']))
@@ -186,9 +188,9 @@ def test_detection_demo_draws_on_the_image(images, det_checkpoint, tmp_path, cap
 
 def test_segmentation_demo_overlays_colours(images, tmp_path, capsys):
     import cv2
-    cfg = A.load_config(SEG_TOY)
+    cfg = load_config(SEG_TOY)
     torch.manual_seed(0)
-    model = A.build_model(cfg)
+    model = build_model(cfg)
     model.init_weights()
     ckpt = tmp_path / 'toy_seg.pth'
     torch.save({'state_dict': model.state_dict()}, ckpt)

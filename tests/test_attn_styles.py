@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from restv2_mm import ResTv2
-from restv2_mm.restv2 import EMSAv2
+from restv2_mm.models import EMSAv2
 
 STYLES = ['global', 'win', 'cwin', 'hwin']
 

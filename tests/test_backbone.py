@@ -291,7 +291,7 @@ def test_bad_inputs_raise_clear_errors(shape, match):
 
 
 def test_layer_norm_keeps_half_activations_under_autocast():
-    from restv2_mm.restv2 import LayerNorm
+    from restv2_mm.models.half_weights import LayerNorm
     norm = LayerNorm(64)
     torch.nn.init.normal_(norm.weight)
     x = torch.randn(4, 10, 64)
@@ -314,9 +314,9 @@ def test_backbone_runs_under_autocast():
 ])
 def test_half_weights_are_reused_in_inference_and_follow_new_weights(layer, args, kwargs,
                                                                      x_shape):
-    from restv2_mm import restv2
+    from restv2_mm.models import half_weights
     plain = getattr(torch.nn, layer)(*args, **kwargs)
-    ours = getattr(restv2, layer)(*args, **kwargs)
+    ours = getattr(half_weights, layer)(*args, **kwargs)
     ours.load_state_dict(plain.state_dict())
     x = torch.randn(x_shape)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
@@ -332,3 +332,4 @@ def test_half_weights_are_reused_in_inference_and_follow_new_weights(layer, args
     with torch.autocast('cpu', dtype=torch.bfloat16):
         ours(x).float().sum().backward()
     assert ours.weight.grad is not None and ours.weight.grad.dtype == torch.float32
+

@@ -8,6 +8,9 @@ import sys
 import pytest
 import torch
 
+from restv2_mm.benchmark import models, sections, timing
+from restv2_mm.benchmark import targets as target_table
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, 'tools', 'analysis')
 SECTIONS = ['backbone224', 'dense', 'styles', 'detector', 'segmentor']
@@ -97,8 +100,8 @@ def test_quick_run_measures_every_section_and_writes_json_and_plot(tmp_path):
     assert out_plot.stat().st_size > 10_000
 
 
-def test_a_failing_measurement_is_reported_and_the_next_one_runs(bm):
-    bench = bm.Bench(torch.device('cpu'), amp=False)
+def test_a_failing_measurement_is_reported_and_the_next_one_runs():
+    bench = timing.Bench(torch.device('cpu'), amp=False)
 
     def out_of_memory():
         raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 9.00 GiB')
@@ -136,8 +139,8 @@ def entry(key, ms, items=1, peak=None, status='ok'):
     return e
 
 
-def test_targets_pass_miss_or_na_from_ratios_of_the_same_run(bm):
-    s = bm.FULL
+def test_targets_pass_miss_or_na_from_ratios_of_the_same_run():
+    s = sections.FULL
     results = [
         entry('backbone224/restv2_t', 100, items=130),  # 1300 img/s
         entry('backbone224/swin_t', 100, items=100),  # 1000 img/s: 1.3x, on the line
@@ -151,8 +154,8 @@ def test_targets_pass_miss_or_na_from_ratios_of_the_same_run(bm):
         entry('dense/restv2_t_hwin/infer', None, status='OOM'),
     ]
     results = {e['key']: e for e in results}
-    ratios = bm.compute_ratios(results, bm.ratio_definitions(s))
-    targets = {t['id']: t for t in bm.check_targets(ratios, bm.target_definitions(s))}
+    ratios = target_table.compute_ratios(results, target_table.ratio_definitions(s))
+    targets = {t['id']: t for t in target_table.check_targets(ratios, target_table.target_definitions(s))}
 
     assert targets['1a']['status'] == 'PASS' and targets['1a']['value'] == pytest.approx(1.3)
     assert targets['1b']['status'] == 'N/A' and 'skipped' in targets['1b']['note']
@@ -178,17 +181,17 @@ def test_sections_are_chosen_by_name_and_a_typo_names_the_choices(bm, capsys):
     assert "'detectors'" in err and 'segmentor' in err
 
 
-def test_toolbox_configs_keep_no_pretrained_checkpoint(bm):
-    for path, peer, kind in ((bm.RESTV2_DET_CONFIG, bm.SWIN_DET_CONFIG, 'det'),
-                             (bm.RESTV2_SEG_CONFIG, bm.SWIN_SEG_CONFIG, 'seg'),
-                             ('configs/missing_restv2_config.py', bm.SWIN_DET_CONFIG, 'det')):
-        model, source, autotune = bm.toolbox_model_config(path, peer, kind)
+def test_toolbox_configs_keep_no_pretrained_checkpoint():
+    for path, peer, kind in ((models.RESTV2_DET_CONFIG, models.SWIN_DET_CONFIG, 'det'),
+                             (models.RESTV2_SEG_CONFIG, models.SWIN_SEG_CONFIG, 'seg'),
+                             ('configs/missing_restv2_config.py', models.SWIN_DET_CONFIG, 'det')):
+        model, source, autotune = models.toolbox_model_config(path, peer, kind)
         assert autotune is (kind == 'seg')  # mmdet's env_cfg leaves cudnn autotuning off
         assert 'Pretrained' not in str(model) and model.backbone.type == 'ResTv2'
         assert model.backbone.init_cfg is None
     # A missing ResTv2 config falls back to the peer's with the backbone and neck replaced.
     assert 'not found' in source and model.neck.in_channels == [96, 192, 384, 768]
-    swin, _, _ = bm.toolbox_model_config(bm.SWIN_SEG_CONFIG, bm.SWIN_SEG_CONFIG, 'seg')
+    swin, _, _ = models.toolbox_model_config(models.SWIN_SEG_CONFIG, models.SWIN_SEG_CONFIG, 'seg')
     assert swin.backbone.type == 'SwinTransformer' and swin.backbone.init_cfg is None
 
 
@@ -206,13 +209,13 @@ def test_profile_quick_prints_operators_and_time_by_part(tmp_path):
                       'restv2_tiny_global_sdpa_64x96_train.json']
 
 
-def test_rounds_keep_each_measurements_lowest_median(bm):
+def test_rounds_keep_each_measurements_lowest_median():
     best = {}
-    bm.keep_best_rounds(best, {'a': dict(status='ok', median_ms=9.0, peak_mb=1),
+    timing.keep_best_rounds(best, {'a': dict(status='ok', median_ms=9.0, peak_mb=1),
                                'b': dict(status='OOM', median_ms=None)})
-    bm.keep_best_rounds(best, {'a': dict(status='ok', median_ms=7.0, peak_mb=2),
+    timing.keep_best_rounds(best, {'a': dict(status='ok', median_ms=7.0, peak_mb=2),
                                'b': dict(status='ok', median_ms=5.0)})
-    bm.keep_best_rounds(best, {'a': dict(status='ok', median_ms=8.0, peak_mb=3),
+    timing.keep_best_rounds(best, {'a': dict(status='ok', median_ms=8.0, peak_mb=3),
                                'b': dict(status='error', median_ms=None)})
     assert best['a']['median_ms'] == 7.0 and best['a']['peak_mb'] == 2
     assert best['a']['round_medians_ms'] == [9.0, 7.0, 8.0]

@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 
 from restv2_mm import ResTv2
-from restv2_mm.analysis import ToolError, read_checkpoint_file, run_tool
+from restv2_mm.utils.tool import ToolError, read_checkpoint_file, run_tool
 from restv2_mm.checkpoint import extract_backbone_state
 
 

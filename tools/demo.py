@@ -15,7 +15,8 @@ import warnings
 
 from mmengine.config import DictAction
 
-from restv2_mm import analysis as A
+from restv2_mm.utils.tool import (ToolError, check_file, load_config, read_checkpoint_file,
+                                  restv2_backbone_cfg, run_tool, toolbox_of)
 
 
 def parse_args(argv=None):
@@ -38,13 +39,13 @@ def parse_args(argv=None):
 
 def read_image(path: str):
     import mmcv
-    A.check_file(path, 'Image')
+    check_file(path, 'Image')
     try:
         img = mmcv.imread(path)
     except Exception as e:
-        raise A.ToolError(f'Cannot read image {path!r}: {e}') from None
+        raise ToolError(f'Cannot read image {path!r}: {e}') from None
     if img is None or img.ndim != 3:
-        raise A.ToolError(f'Cannot read image {path!r}: not a picture that OpenCV can decode '
+        raise ToolError(f'Cannot read image {path!r}: not a picture that OpenCV can decode '
                           f'(jpg, png, bmp, ...).')
     return img  # BGR
 
@@ -71,21 +72,21 @@ def numbered_classes(num_classes: int) -> dict:
 def load_weights(model, checkpoint: str) -> dict:
     """Load a checkpoint of this model; returns its meta. Clear errors when it does not fit."""
     import re
-    ckpt = A.read_checkpoint_file(checkpoint)
+    ckpt = read_checkpoint_file(checkpoint)
     state = ckpt.get('state_dict', ckpt)
     if not isinstance(state, dict):
-        raise A.ToolError(f'{checkpoint!r} holds no state_dict.')
+        raise ToolError(f'{checkpoint!r} holds no state_dict.')
     state = {re.sub(r'^module\.', '', k): v for k, v in state.items()}
     own = model.state_dict()
     bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
            if k in own and hasattr(v, 'shape') and v.shape != own[k].shape]
     if bad:
-        raise A.ToolError(f'{checkpoint!r} does not fit the model of the config (shape '
+        raise ToolError(f'{checkpoint!r} does not fit the model of the config (shape '
                           f'mismatch: {"; ".join(bad[:3])}); pass the config it was '
                           f'trained with.')
     missing = [k for k in own if k not in state]
     if len(missing) > len(own) // 2:
-        raise A.ToolError(f'{checkpoint!r} does not hold this model: {len(missing)} of its '
+        raise ToolError(f'{checkpoint!r} does not hold this model: {len(missing)} of its '
                           f'{len(own)} weights are missing (e.g. {missing[0]}). For an '
                           f'authors\' ImageNet file use tools/train.py first.')
     model.load_state_dict(state, strict=False)
@@ -156,8 +157,9 @@ def main(argv=None):
     # boxes reaching past the image); what matters is printed below
     warnings.showwarning = lambda *args, **kwargs: None
     img = read_image(args.image)
-    cfg = A.load_config(args.config, args.cfg_options)
-    A.check_file(args.checkpoint, 'Checkpoint')
+    cfg = load_config(args.config, args.cfg_options)
+    restv2_backbone_cfg(cfg, args.config)
+    check_file(args.checkpoint, 'Checkpoint')
     cfg.model.backbone.init_cfg = None  # the checkpoint brings the backbone weights
     if args.out is None:
         stem, ext = osp.splitext(osp.basename(args.image))
@@ -165,7 +167,7 @@ def main(argv=None):
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
 
     import restv2_mm  # noqa: F401  registers ResTv2 in both toolboxes
-    if A.toolbox_of(cfg) == 'mmdet':
+    if toolbox_of(cfg) == 'mmdet':
         summary = detect(cfg, img, args.checkpoint, args)
     else:
         summary = segment(cfg, img, args.checkpoint, args)
@@ -174,4 +176,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(A.run_tool(main))
+    sys.exit(run_tool(main))

@@ -16,8 +16,8 @@ import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from restv2_mm.config_checks import (ConfigCheckError, check_checkpoint,  # noqa: E402
-                                     check_data, load_config, toolbox_of)
+from restv2_mm.utils.preflight import check_checkpoint, check_data  # noqa: E402
+from restv2_mm.utils.tool import ToolError, load_config, toolbox_of  # noqa: E402
 
 METRICS_FILE = 'test_metrics.json'
 
@@ -52,7 +52,7 @@ def _show_pictures(cfg, toolbox: str, args):
     """Switch on the toolbox's visualization hook; returns where pictures will be."""
     hooks = cfg.get('default_hooks', {})
     if 'visualization' not in hooks:
-        raise ConfigCheckError('--show/--show-dir need default_hooks.visualization in the '
+        raise ToolError('--show/--show-dir need default_hooks.visualization in the '
                                'config (DetVisualizationHook or SegVisualizationHook).')
     hook = hooks['visualization']
     hook['draw'] = True
@@ -72,7 +72,7 @@ def _show_pictures(cfg, toolbox: str, args):
 
 def _with_tta(cfg):
     if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
-        raise ConfigCheckError('--tta needs tta_model and tta_pipeline in the config.')
+        raise ToolError('--tta needs tta_model and tta_pipeline in the config.')
     from mmengine.config import ConfigDict
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
@@ -81,7 +81,7 @@ def _with_tta(cfg):
 def build_test_config(args):
     cfg = load_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
-    toolbox = toolbox_of(cfg, args.config)
+    toolbox = cfg.default_scope = toolbox_of(cfg, args.config)
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:
@@ -97,7 +97,7 @@ def build_test_config(args):
         cfg.test_evaluator['keep_results'] = True
     if args.out is not None and toolbox == 'mmdet' and not args.out.endswith(('.pkl',
                                                                               '.pickle')):
-        raise ConfigCheckError(f'--out {args.out!r}: mmdet dumps predictions to a .pkl file.')
+        raise ToolError(f'--out {args.out!r}: mmdet dumps predictions to a .pkl file.')
     check_data(cfg, 'test', args.config)
     return cfg, toolbox, pictures
 
@@ -117,7 +117,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg, toolbox, pictures = build_test_config(args)
-    except ConfigCheckError as e:
+    except ToolError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
 

@@ -16,9 +16,9 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from restv2_mm.config_checks import (ConfigCheckError, check_amp,  # noqa: E402
-                                     check_checkpoint, check_data, check_pretrained,
-                                     load_config, toolbox_of)
+from restv2_mm.utils.preflight import (check_amp, check_checkpoint,  # noqa: E402
+                                       check_data, check_pretrained)
+from restv2_mm.utils.tool import ToolError, load_config, toolbox_of  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,7 +52,7 @@ def build_train_config(args):
     """The config with the command line applied, checked before anything is built."""
     cfg = load_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
-    toolbox = toolbox_of(cfg, args.config)
+    toolbox = cfg.default_scope = toolbox_of(cfg, args.config)
 
     # work_dir: command line > config > config file name
     if args.work_dir is not None:
@@ -63,7 +63,7 @@ def build_train_config(args):
     if args.amp:
         if cfg.optim_wrapper.get('type', 'OptimWrapper') not in ('OptimWrapper',
                                                                  'AmpOptimWrapper'):
-            raise ConfigCheckError(
+            raise ToolError(
                 f'--amp needs optim_wrapper.type OptimWrapper or AmpOptimWrapper, the config '
                 f'has {cfg.optim_wrapper.type!r}.')
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
@@ -71,7 +71,7 @@ def build_train_config(args):
 
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
-            raise ConfigCheckError(
+            raise ToolError(
                 f'--auto-scale-lr needs auto_scale_lr = dict(base_batch_size=N) in '
                 f'{args.config}: the batch size its lr was set for.')
         cfg.auto_scale_lr.enable = True
@@ -95,7 +95,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg, toolbox = build_train_config(args)
-    except ConfigCheckError as e:
+    except ToolError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
 

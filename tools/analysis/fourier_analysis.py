@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from mmengine.config import DictAction
 
-from restv2_mm import analysis as A
+from restv2_mm.analysis.fourier import block_names, curve_at, fourier_curves
+from restv2_mm.utils.tool import ToolError, build_backbone, load_config, run_tool
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 # ImageNet statistics (RGB), used when the config has no data_preprocessor mean/std.
@@ -62,13 +63,13 @@ def list_images(path: str, limit: int):
     if osp.isfile(path):
         return [path]
     if not osp.isdir(path):
-        raise A.ToolError(f'Image folder {path!r} not found (working directory: '
+        raise ToolError(f'Image folder {path!r} not found (working directory: '
                           f'{os.getcwd()}).')
     files = sorted(
         osp.join(root, f) for root, _, names in os.walk(path) for f in names
         if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-        raise A.ToolError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in {path!r}; make a '
+        raise ToolError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in {path!r}; make a '
                           f'toy set with `python tools/make_toy_data.py` or point --images '
                           f'at a folder of pictures.')
     return files[:limit]
@@ -91,9 +92,9 @@ def image_batches(files, img_size, batch_size, norm, device):
         try:
             img = mmcv.imread(f)  # BGR, H x W x 3
         except Exception as e:
-            raise A.ToolError(f'Cannot read image {f!r}: {e}') from None
+            raise ToolError(f'Cannot read image {f!r}: {e}') from None
         if img is None:
-            raise A.ToolError(f'Cannot read image {f!r}: not a readable picture; remove it '
+            raise ToolError(f'Cannot read image {f!r}: not a readable picture; remove it '
                               f'from the folder.')
         if to_rgb:
             img = mmcv.bgr2rgb(img)
@@ -112,9 +113,9 @@ def write_csv(path, backbone, curves, maps_hw):
         writer.writerow(['block', 'stage', 'depth', 'height', 'width', 'log_amp_0.0pi',
                          *(f'log_amp_{p}pi' for p in SAMPLE_POINTS), 'log_amp_1.0pi',
                          'delta_log_amplitude'])
-        for depth, name in enumerate(A.block_names(backbone)):
+        for depth, name in enumerate(block_names(backbone)):
             curve = curves[name]
-            values = [A.curve_at(curve, p) for p in (0., *SAMPLE_POINTS, 1.)]
+            values = [curve_at(curve, p) for p in (0., *SAMPLE_POINTS, 1.)]
             writer.writerow([name, int(name[5]), depth, *maps_hw[name],
                              *(f'{v:.5f}' for v in values), f'{values[-1] - values[0]:.5f}'])
 
@@ -124,7 +125,7 @@ def plot(path, backbone, curves, title):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    names = A.block_names(backbone)
+    names = block_names(backbone)
     cmap = matplotlib.colormaps['plasma']
     fig, (ax_curve, ax_delta) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for i, name in enumerate(names):
@@ -162,13 +163,13 @@ def plot(path, backbone, curves, title):
 def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings('ignore')
-    cfg = A.load_config(args.config, args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
     files = list_images(args.images, args.max_images)
-    backbone = A.build_backbone(cfg, args.checkpoint, args.device)
+    backbone = build_backbone(cfg, args.checkpoint, args.device)
 
     batches = image_batches(files, args.img_size, args.batch_size, normalisation(cfg),
                             args.device)
-    curves, maps_hw = A.fourier_curves(backbone, batches)
+    curves, maps_hw = fourier_curves(backbone, batches)
 
     os.makedirs(args.out_dir, exist_ok=True)
     stem = osp.splitext(osp.basename(args.config))[0]
@@ -181,7 +182,7 @@ def main(argv=None):
 
     print(f'{len(files)} images at {args.img_size}x{args.img_size}, weights: {weights}')
     print(f'{"block":<10}{"map":>8}{"Δ log amp (1.0π - 0.0π)":>26}')
-    for name in A.block_names(backbone):
+    for name in block_names(backbone):
         h, w = maps_hw[name]
         print(f'{name:<10}{f"{h}x{w}":>8}{float(curves[name][-1]):>26.3f}')
     print(f'saved {png_path}\nsaved {csv_path}')
@@ -189,4 +190,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(A.run_tool(main))
+    sys.exit(run_tool(main))

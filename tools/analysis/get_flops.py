@@ -21,7 +21,14 @@ import torch
 from mmengine.config import DictAction
 
 from restv2_mm import ResTv2
-from restv2_mm import analysis as A
+from restv2_mm.analysis.flops import (NUM_DUMMY_PROPOSALS, ResTv2Classifier, count_flops,
+                                      format_row, model_complexity, paper_reference,
+                                      table_header)
+from restv2_mm.analysis.paper import (ARCH_ALIASES, ARCH_NAMES, CLASSIFIER_SHAPE,
+                                      DETECTION_SHAPE, PAPER_CLASSIFIER, SEGMENTATION_SHAPE,
+                                      canonical_arch)
+from restv2_mm.utils.tool import (ToolError, load_config, restv2_backbone_cfg, run_tool,
+                                  toolbox_of)
 
 TOLERANCE = 3.0  # percent
 
@@ -32,7 +39,7 @@ def parse_args(argv=None):
         'the paper.')
     parser.add_argument('config', nargs='?', help='MM config of a detector or segmentor')
     parser.add_argument(
-        '--backbone', choices=[*A.ARCH_NAMES, *A.ARCH_ALIASES],
+        '--backbone', choices=[*ARCH_NAMES, *ARCH_ALIASES],
         help='count a plain ResTv2 of this arch instead of a config (global attention)')
     parser.add_argument('--backbone-only', action='store_true',
                         help='with a config: count only its backbone')
@@ -74,25 +81,25 @@ def backbone_report(arch: str, backbone_cfg: dict, shape) -> None:
     try:
         backbone = ResTv2(**kwargs).eval()
     except (TypeError, ValueError) as e:
-        raise A.ToolError(f'The backbone settings do not build a ResTv2: {e}') from None
-    result = A.count_flops(backbone, torch.zeros(1, 3, *shape))
-    name = A.canonical_arch(arch)
+        raise ToolError(f'The backbone settings do not build a ResTv2: {e}') from None
+    result = count_flops(backbone, torch.zeros(1, 3, *shape))
+    name = canonical_arch(arch)
     style = backbone.attn_style
     print(f'ResTv2 backbone, arch {arch!r}, {style} attention, input {shape[0]}x{shape[1]}')
     print('(1 multiply-add = 1 FLOP; the attention\'s matrix products are counted)\n')
-    paper = A.PAPER_CLASSIFIER.get(name) if (
-        shape == A.CLASSIFIER_SHAPE and style == 'global') else None
-    print(A.table_header())
-    print(A.format_row('backbone GFLOPs', gflops(result['flops']),
+    paper = PAPER_CLASSIFIER.get(name) if (
+        shape == CLASSIFIER_SHAPE and style == 'global') else None
+    print(table_header())
+    print(format_row('backbone GFLOPs', gflops(result['flops']),
                        paper and paper['gflops'], 'G'))
-    print(A.format_row('  of which attention QK^T, AV', gflops(result['attention']), None,
+    print(format_row('  of which attention QK^T, AV', gflops(result['attention']), None,
                        'G'))
-    print(A.format_row('backbone params', mparams(result['params']), None, 'M'))
+    print(format_row('backbone params', mparams(result['params']), None, 'M'))
     if paper is not None:
-        clf = A.count_flops(A.ResTv2Classifier(name).eval(), torch.zeros(1, 3, *shape))
-        print(A.format_row('classifier GFLOPs (Table 1)', gflops(clf['flops']),
+        clf = count_flops(ResTv2Classifier(name).eval(), torch.zeros(1, 3, *shape))
+        print(format_row('classifier GFLOPs (Table 1)', gflops(clf['flops']),
                            paper['gflops'], 'G'))
-        print(A.format_row('classifier params (Table 1)', mparams(clf['params']),
+        print(format_row('classifier params (Table 1)', mparams(clf['params']),
                            paper['params_m'], 'M'))
         print('\nTable 1 counts the ImageNet classifier: the backbone plus a pooled '
               '1000-class head (+0.8M parameters, under 0.1% of the FLOPs). The backbone '
@@ -100,18 +107,18 @@ def backbone_report(arch: str, backbone_cfg: dict, shape) -> None:
         ok = verdict(gflops(result['flops']), paper['gflops']) and verdict(
             mparams(clf['params']), paper['params_m'])
         print(f'Within {TOLERANCE:.0f}% of the paper: {"yes" if ok else "NO"}')
-    elif shape != A.CLASSIFIER_SHAPE or style != 'global':
+    elif shape != CLASSIFIER_SHAPE or style != 'global':
         print('\nThe paper reports backbone numbers for global attention at 224x224 only.')
 
 
 def model_report(cfg, config_path: str, shape) -> None:
     """Whole-model FLOPs and parameters, against Table 4 or 5 where they apply."""
-    backbone_cfg = A.restv2_backbone_cfg(cfg, config_path)
-    scope = A.toolbox_of(cfg)
-    result = A.model_complexity(cfg, shape)
+    backbone_cfg = restv2_backbone_cfg(cfg, config_path)
+    scope = toolbox_of(cfg)
+    result = model_complexity(cfg, shape)
     shape = result['shape']
-    paper, table = A.paper_reference(cfg)
-    default_shape = A.DETECTION_SHAPE if scope == 'mmdet' else A.SEGMENTATION_SHAPE
+    paper, table = paper_reference(cfg)
+    default_shape = DETECTION_SHAPE if scope == 'mmdet' else SEGMENTATION_SHAPE
     attn_style = backbone_cfg.get('attn_style', 'global')
     if shape != default_shape or attn_style != 'global':
         paper = None  # the paper's numbers are for global attention at these sizes only
@@ -122,21 +129,21 @@ def model_report(cfg, config_path: str, shape) -> None:
     print(f'ResTv2 arch {backbone_cfg.get("arch", "tiny")!r}, {attn_style} attention, '
           f'input {shape[0]}x{shape[1]}')
     print('(1 multiply-add = 1 FLOP)\n')
-    print(A.table_header())
-    print(A.format_row('params', mparams(result['params']), paper and paper['params_m'],
+    print(table_header())
+    print(format_row('params', mparams(result['params']), paper and paper['params_m'],
                        'M'))
     all_ops = gflops(result['flops'])
     no_attn = gflops(result['flops'] - result['attention'])
-    print(A.format_row('GFLOPs, all ops', all_ops, paper and paper['gflops'], 'G'))
-    print(A.format_row('GFLOPs w/o attention QK^T, AV', no_attn, paper and paper['gflops'],
+    print(format_row('GFLOPs, all ops', all_ops, paper and paper['gflops'], 'G'))
+    print(format_row('GFLOPs w/o attention QK^T, AV', no_attn, paper and paper['gflops'],
                        'G'))
     for name, n in result['by_module'].items():
         if n:
-            print(A.format_row(f'  {name}', gflops(n), None, 'G'))
-    print(A.format_row('  attention QK^T, AV (backbone)', gflops(result['attention']), None,
+            print(format_row(f'  {name}', gflops(n), None, 'G'))
+    print(format_row('  attention QK^T, AV (backbone)', gflops(result['attention']), None,
                        'G'))
     if scope == 'mmdet':
-        print(f'\nThe RoI heads run on {A.NUM_DUMMY_PROPOSALS} fixed proposals (the mask '
+        print(f'\nThe RoI heads run on {NUM_DUMMY_PROPOSALS} fixed proposals (the mask '
               f'head on the first 100), the RPN outputs are not decoded: the counting '
               f'forward of the authors\' script.')
     else:
@@ -163,18 +170,18 @@ def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings('ignore')
     if args.backbone is not None:
-        arch = A.ARCH_ALIASES.get(args.backbone, args.backbone)
-        backbone_report(arch, dict(arch=arch), args.shape or A.CLASSIFIER_SHAPE)
+        arch = ARCH_ALIASES.get(args.backbone, args.backbone)
+        backbone_report(arch, dict(arch=arch), args.shape or CLASSIFIER_SHAPE)
         return 0
-    cfg = A.load_config(args.config, args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
     if args.backbone_only:
-        backbone_cfg = A.restv2_backbone_cfg(cfg, args.config)
+        backbone_cfg = restv2_backbone_cfg(cfg, args.config)
         backbone_report(backbone_cfg.get('arch', 'tiny'), backbone_cfg,
-                        args.shape or A.CLASSIFIER_SHAPE)
+                        args.shape or CLASSIFIER_SHAPE)
     else:
         model_report(cfg, args.config, args.shape)
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(A.run_tool(main))
+    sys.exit(run_tool(main))

@@ -35,7 +35,7 @@ try:
 except ImportError:  # run from a checkout that is not pip-installed
     sys.path.insert(0, REPO_ROOT)
 from restv2_mm import ResTv2  # noqa: E402
-from restv2_mm.restv2 import ATTN_IMPLS, ATTN_STYLES, EMSAv2, Mlp  # noqa: E402
+from restv2_mm.models import ATTN_IMPLS, ATTN_STYLES, EMSAv2, Mlp  # noqa: E402
 
 MODES = ('infer', 'train')
 RANGE_PREFIX = 'restv2::'

@@ -1,100 +1,31 @@
-"""ResTv2 backbone for dense prediction.
+"""ResTv2, the network of "ResT V2: Simpler, Faster and Stronger" (NeurIPS 2022).
 
-ResTv2 ("ResT V2: Simpler, Faster and Stronger", NeurIPS 2022) is a four-stage hierarchical
-transformer whose attention, EMSAv2, attends from every token to a depth-wise-convolution
-reduced map and adds back an upsample branch (depth-wise conv + PixelShuffle on the values)
-that restores the detail the reduction removes.
+A four-stage hierarchical transformer whose attention, EMSAv2, attends from every token to a
+depth-wise-convolution reduced map and adds back an upsample branch (depth-wise conv +
+PixelShuffle on the values) that restores the detail the reduction removes.
 
-The layers below are plain ``torch.nn`` modules with the parameter names of the authors'
-ImageNet checkpoints, so those files load unchanged. The backbone also offers the window
-attention styles that the paper measures for detection (Table 3): ``'win'``, ``'cwin'`` and
-``'hwin'`` next to the default ``'global'``.
+The layers are plain ``torch.nn`` modules with the parameter names of the authors' ImageNet
+checkpoints, so those files load unchanged. Besides the default ``'global'`` attention, the
+backbone offers the window styles the paper measures for detection (Table 3): ``'win'``,
+``'cwin'`` and ``'hwin'``. The speed machinery lives beside this file: the attention kernels
+(``attention.py``), the window index tables (``windows.py``) and the layers that reuse half
+weights under autocast (``half_weights.py``).
 """
-import functools
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmengine.model import BaseModule
 
+from .attention import ATTENTION_KERNELS, ATTN_IMPLS
+from .half_weights import Conv2d, LayerNorm, Linear
+from .windows import window_key_mask, window_layout
+
 ATTN_STYLES = ('global', 'win', 'cwin', 'hwin')
-ATTN_IMPLS = ('sdpa', 'explicit')
 MIN_INPUT_SIZE = 32
-
-
-# --------------------------------------------------------------------------------------
-# Attention kernels: one switch between the fused kernel and the explicit math.
-# q: B, h, Nq, d; k, v: B, h, Nk, d; key_mask (optional, bool, True = real key): broadcastable
-# to B, h, Nq, Nk.
-# --------------------------------------------------------------------------------------
-def sdpa_attention(q, k, v, key_mask=None):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-
-
-def explicit_attention(q, k, v, key_mask=None):
-    attn = (q * q.shape[-1]**-0.5) @ k.transpose(-2, -1)
-    if key_mask is not None:
-        attn = attn.masked_fill(~key_mask, float('-inf'))
-    return attn.softmax(dim=-1) @ v
-
-
-ATTENTION_KERNELS: Dict[str, Callable] = {
-    'sdpa': sdpa_attention,
-    'explicit': explicit_attention,
-}
-
-
-# --------------------------------------------------------------------------------------
-# Windows. A token map is laid out in windows by one gather of its tokens and put back by
-# one more; padding to whole windows lives only in these index tables.
-# --------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=128)
-def window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
-    """How an H x W token map (row-major tokens) is laid out in window x window windows.
-
-    The map is padded at the bottom and right to whole windows. Returns
-
-    - gather (nW * window * window,): the token each windowed cell takes, windows in
-      row-major order; a padding cell repeats the nearest real token, so it stays finite;
-    - scatter (H * W,): where each token sits in the windowed layout (the reverse);
-    - real (nW, window * window), bool: False for padding cells.
-
-    The tables are cached, so they are made as normal tensors even under inference_mode:
-    a training step may use them next.
-    """
-    with torch.inference_mode(False):
-        return _window_layout(H, W, window, device)
-
-
-def _window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
-    nH, nW = -(-H // window), -(-W // window)
-    rows = torch.arange(nH * window, device=device)
-    cols = torch.arange(nW * window, device=device)
-
-    def windowed(grid):  # Hp, Wp -> nW, window * window
-        grid = grid.view(nH, window, nW, window).transpose(1, 2)
-        return grid.reshape(nH * nW, window * window)
-
-    gather = windowed(rows.clamp(max=H - 1)[:, None] * W + cols.clamp(max=W - 1)[None, :])
-    real = windowed((rows < H)[:, None] & (cols < W)[None, :])
-    place = torch.arange(gather.numel(), device=device).view(nH, nW, window, window)
-    scatter = place.transpose(1, 2).reshape(nH * window, nW * window)[:H, :W].reshape(-1)
-    return gather.reshape(-1), scatter, real
-
-
-@functools.lru_cache(maxsize=64)
-def window_key_mask(B: int, H: int, W: int, window: int, device) -> Optional[torch.Tensor]:
-    """Which keys of each window are real: bool, B * nW, 1, 1, window * window (broadcast
-    over heads and queries); None when the map is a whole number of windows."""
-    if H % window == 0 and W % window == 0:
-        return None
-    real = window_layout(H, W, window, device)[2]
-    with torch.inference_mode(False):
-        return real[:, None, None, :].repeat(B, 1, 1, 1)
 
 
 def as_nchw(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -107,80 +38,11 @@ def as_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).flatten(1, 2)
 
 
+
+
 # --------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------
-def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast runs matrix products in on x's device, or None outside autocast."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return None
-
-
-class HalfWeights:
-    """Mixin for layers with ``weight`` and ``bias``: their copies in a half dtype.
-
-    Autocast casts every weight on every call, one copy kernel each (about 170 per forward
-    of ResTv2-T); at detection sizes the forward is bound by such launches on the host. Under
-    no_grad the copies are kept until the weights change (a new version, device or storage);
-    with gradients, and while torch.compile traces, they are made afresh as autocast would.
-    """
-
-    def _params_as(self, dtype: torch.dtype):
-        w, b = self.weight, self.bias
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return w.to(dtype), None if b is None else b.to(dtype)
-        key = (dtype, w.data_ptr(), w._version,
-               None if b is None else (b.data_ptr(), b._version))
-        cached = self.__dict__.get('_half_copies')
-        if cached is None or cached[0] != key:
-            cached = (key, w.to(dtype), None if b is None else b.to(dtype))
-            self.__dict__['_half_copies'] = cached
-        return cached[1:]
-
-
-class Linear(HalfWeights, nn.Linear):
-    """``nn.Linear`` that reuses its half weights in inference under autocast."""
-
-    def forward(self, x):
-        dtype = autocast_dtype(x)
-        if dtype is None or torch.is_grad_enabled():
-            return super().forward(x)
-        return F.linear(x, *self._params_as(dtype))
-
-
-class Conv2d(HalfWeights, nn.Conv2d):
-    """``nn.Conv2d`` that reuses its half weights in inference under autocast."""
-
-    def forward(self, x):
-        dtype = autocast_dtype(x)
-        if dtype is None or torch.is_grad_enabled():
-            return super().forward(x)
-        return self._conv_forward(x, *self._params_as(dtype))
-
-
-class LayerNorm(HalfWeights, nn.LayerNorm):
-    """``nn.LayerNorm`` (eps 1e-6) that keeps half-precision activations half under autocast.
-
-    Autocast runs layer_norm in float32 and returns float32, so each of ResTv2's ~50 norms
-    would move twice the bytes and the layer after it would cast back (a third of the GPU
-    time of the T backbone at 224 x 224, batch 128). The CUDA kernel accumulates half inputs
-    in float32, so the result equals autocast's up to the final rounding. It needs weights
-    of the input's dtype (see :class:`HalfWeights`). Outside autocast this is nn.LayerNorm.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__(dim, eps=eps)
-
-    def forward(self, x):
-        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
-                x.device.type):
-            weight, bias = self._params_as(x.dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
-        return super().forward(x)
-
-
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch of a sample with probability p."""
 
@@ -652,7 +514,7 @@ class ResTv2(BaseModule):
         under 'backbone.') or a bare state_dict; see :func:`restv2_mm.checkpoint.load_backbone`.
         """
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            from .checkpoint import load_backbone
+            from ..checkpoint import load_backbone
             self._init_random()
             load_backbone(self, self.init_cfg['checkpoint'],
                           prefix=self.init_cfg.get('prefix'))

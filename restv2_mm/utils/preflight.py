@@ -7,7 +7,8 @@ import os.path as osp
 import re
 from typing import Iterator, List, Optional, Tuple
 
-from .checkpoint import OFFICIAL_CHECKPOINTS_HINT
+from ..checkpoint import OFFICIAL_CHECKPOINTS_HINT
+from .tool import ToolError
 
 TOY_DEMO_HINT = ('To try everything without the real data, run the toy demo: '
                  '`bash tools/run_demo.sh` (it writes a small synthetic dataset in the same '
@@ -20,10 +21,6 @@ DATASET_SOURCES = {
     'ADE20KDataset': 'ADE20K (ADEChallengeData2016.zip from '
     'http://sceneparsing.csail.mit.edu)',
 }
-
-
-class ConfigCheckError(RuntimeError):
-    """A config names files that are not there; the message says how to fix it."""
 
 
 def _is_url(path: str) -> bool:
@@ -97,7 +94,7 @@ def _evaluator_files(evaluator) -> List[Tuple[str, bool]]:
 
 
 def check_data(cfg, phase: str, config_name: str = 'the config') -> None:
-    """Raise :class:`ConfigCheckError` if a file or folder the ``phase`` reads is missing."""
+    """Raise :class:`ToolError` if a file or folder the ``phase`` reads is missing."""
     loaders = _loaders_for(cfg, phase)
     paths, types = [], []
     for loader in loaders:
@@ -125,7 +122,7 @@ def check_data(cfg, phase: str, config_name: str = 'the config') -> None:
     lines.append('Data elsewhere: set the data_root of the dataloaders with --cfg-options '
                  '(e.g. train_dataloader.dataset.data_root=...).')
     lines.append(TOY_DEMO_HINT)
-    raise ConfigCheckError('\n'.join(lines))
+    raise ToolError('\n'.join(lines))
 
 
 def _pretrained_files(node, where: str = 'model') -> Iterator[Tuple[str, str]]:
@@ -148,51 +145,24 @@ def _pretrained_files(node, where: str = 'model') -> Iterator[Tuple[str, str]]:
 
 
 def check_pretrained(cfg) -> None:
-    """Raise :class:`ConfigCheckError` if a pretrained weight file of the model is missing."""
+    """Raise :class:`ToolError` if a pretrained weight file of the model is missing."""
     for key, path in _pretrained_files(cfg.get('model')):
         if _is_url(path) or osp.isfile(path):  # URLs (also open-mmlab://) download
             continue
-        raise ConfigCheckError(
+        raise ToolError(
             f'The pretrained weights {path!r} named by {key} do not exist (working '
             f'directory {os.getcwd()}).\n{OFFICIAL_CHECKPOINTS_HINT}\n'
             f'To train from scratch, pass --cfg-options {key}=None.')
 
 
 def check_checkpoint(path: str, what: str = 'checkpoint') -> None:
-    """Raise :class:`ConfigCheckError` if a checkpoint to test or resume from is missing."""
+    """Raise :class:`ToolError` if a checkpoint to test or resume from is missing."""
     if _is_url(path) or osp.isfile(path):
         return
-    raise ConfigCheckError(
+    raise ToolError(
         f'The {what} {path!r} does not exist (working directory {os.getcwd()}). Pass the '
         f'path of a .pth file saved by tools/train.py (e.g. work_dirs/<config>/epoch_12.pth '
         f'or the one named in work_dirs/<config>/last_checkpoint).')
-
-
-TOOLBOXES = ('mmdet', 'mmseg')
-
-
-def load_config(path: str, cfg_options: Optional[dict] = None):
-    """``Config.fromfile`` plus ``--cfg-options``, with a clear error for a wrong path."""
-    from mmengine.config import Config
-    if not osp.isfile(path):
-        raise ConfigCheckError(f'Config file {path!r} not found (working directory '
-                               f'{os.getcwd()}); the configs are in configs/, e.g. '
-                               f'configs/maskrcnn_restv2_t_coco.py.')
-    cfg = Config.fromfile(path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return cfg
-
-
-def toolbox_of(cfg, config_name: str = 'the config') -> str:
-    """'mmdet' or 'mmseg', from the config's ``default_scope``."""
-    scope = cfg.get('default_scope')
-    if scope not in TOOLBOXES:
-        raise ConfigCheckError(
-            f'{config_name} has default_scope={scope!r}; these tools run mmdet or mmseg '
-            f'configs, which inherit default_scope from mmdet::_base_/default_runtime.py or '
-            f'mmseg::_base_/default_runtime.py.')
-    return scope
 
 
 def check_amp(cfg) -> None:
@@ -202,7 +172,7 @@ def check_amp(cfg) -> None:
         return
     from mmengine.device import get_device
     if get_device() == 'cpu':
-        raise ConfigCheckError(
+        raise ToolError(
             'The config trains with mixed precision (optim_wrapper.type='
             '\'AmpOptimWrapper\'), which needs a GPU, and none is visible. To train in '
             'float32 on the CPU, pass --cfg-options optim_wrapper.type=OptimWrapper.')

@@ -1,0 +1,54 @@
+"""Window attention's bookkeeping: where each token goes in a window layout and back.
+
+A token map is laid out in windows by one gather of its tokens and put back by one more;
+padding to whole windows lives only in these index tables, which are cached per map size.
+"""
+import functools
+from typing import Optional, Tuple
+
+import torch
+
+
+@functools.lru_cache(maxsize=128)
+def window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
+    """How an H x W token map (row-major tokens) is laid out in window x window windows.
+
+    The map is padded at the bottom and right to whole windows. Returns
+
+    - gather (nW * window * window,): the token each windowed cell takes, windows in
+      row-major order; a padding cell repeats the nearest real token, so it stays finite;
+    - scatter (H * W,): where each token sits in the windowed layout (the reverse);
+    - real (nW, window * window), bool: False for padding cells.
+
+    The tables are cached, so they are made as normal tensors even under inference_mode:
+    a training step may use them next.
+    """
+    with torch.inference_mode(False):
+        return _window_layout(H, W, window, device)
+
+
+def _window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
+    nH, nW = -(-H // window), -(-W // window)
+    rows = torch.arange(nH * window, device=device)
+    cols = torch.arange(nW * window, device=device)
+
+    def windowed(grid):  # Hp, Wp -> nW, window * window
+        grid = grid.view(nH, window, nW, window).transpose(1, 2)
+        return grid.reshape(nH * nW, window * window)
+
+    gather = windowed(rows.clamp(max=H - 1)[:, None] * W + cols.clamp(max=W - 1)[None, :])
+    real = windowed((rows < H)[:, None] & (cols < W)[None, :])
+    place = torch.arange(gather.numel(), device=device).view(nH, nW, window, window)
+    scatter = place.transpose(1, 2).reshape(nH * window, nW * window)[:H, :W].reshape(-1)
+    return gather.reshape(-1), scatter, real
+
+
+@functools.lru_cache(maxsize=64)
+def window_key_mask(B: int, H: int, W: int, window: int, device) -> Optional[torch.Tensor]:
+    """Which keys of each window are real: bool, B * nW, 1, 1, window * window (broadcast
+    over heads and queries); None when the map is a whole number of windows."""
+    if H % window == 0 and W % window == 0:
+        return None
+    real = window_layout(H, W, window, device)[2]
+    with torch.inference_mode(False):
+        return real[:, None, None, :].repeat(B, 1, 1, 1)

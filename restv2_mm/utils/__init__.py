@@ -1,0 +1,2 @@
+"""What the command-line tools share (``tool``) and the checks run before a Runner is built
+(``preflight``)."""
