@@ -32,6 +32,9 @@ model = dict(
 
 optim_wrapper = dict(
     _delete_=True,
+    # the same updates as mmengine's default constructor, in 2 parameter groups instead of
+    # one per tensor (restv2_mm/engine/optimizers.py)
+    constructor='MergedGroupsOptimWrapperConstructor',
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
     paramwise_cfg=dict(norm_decay_mult=0., bias_decay_mult=0.))

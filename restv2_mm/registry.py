@@ -1,7 +1,12 @@
-"""Registration of ResTv2 into the model registries of whichever toolboxes are installed."""
+"""Registration into the OpenMMLab registries: ``ResTv2`` into the model registries of
+whichever toolboxes are installed, the optimizer constructor into mmengine's own (which
+every toolbox's scope falls back to)."""
 import importlib
 from typing import List
 
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+from .engine import MergedGroupsOptimWrapperConstructor
 from .models import ResTv2
 
 TOOLBOX_REGISTRIES = ('mmdet.registry', 'mmseg.registry')
@@ -12,6 +17,9 @@ def register_all() -> List[str]:
 
     A toolbox that is not installed is skipped, so either one alone is enough.
     """
+    OPTIM_WRAPPER_CONSTRUCTORS.register_module(
+        name='MergedGroupsOptimWrapperConstructor', module=MergedGroupsOptimWrapperConstructor,
+        force=True)
     done = []
     for name in TOOLBOX_REGISTRIES:
         try:
