@@ -274,6 +274,7 @@ def test_with_cp_gives_same_outputs_and_gradients():
     (dict(frozen_stages=5), 'frozen_stages=5'),
     (dict(frozen_stages=-2), 'frozen_stages=-2'),
     (dict(attn_impl='flash'), "attn_impl='flash'"),
+    (dict(graph_cache_size=0), 'graph_cache_size=0 must be a positive int'),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -333,3 +334,29 @@ def test_half_weights_are_reused_in_inference_and_follow_new_weights(layer, args
         ours(x).float().sum().backward()
     assert ours.weight.grad is not None and ours.weight.grad.dtype == torch.float32
 
+
+# ---------------------------------------------------------------------------- fast_inference
+def test_fast_inference_on_the_cpu_is_the_eager_path_exactly():
+    fast = randomised(ResTv2('tiny', attn_style='hwin', window_size=(16, 8, 4, 2)))
+    eager = randomised(ResTv2('tiny', attn_style='hwin', window_size=(16, 8, 4, 2),
+                              fast_inference=False))
+    x = torch.rand(2, 3, 97, 130)
+    with torch.no_grad():
+        for _ in range(3):
+            for a, b in zip(fast(x), eager(x)):
+                assert torch.equal(a, b)
+    assert fast._graphs.captures == 0 and len(fast._graphs) == 0
+
+
+def test_a_model_with_fast_inference_copies_and_pickles():
+    import copy
+    import pickle
+    model = randomised(ResTv2('tiny'))
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.stage1[0].attn.q.weight.mul_(2)
+        x = torch.rand(1, 3, 64, 64)
+        assert not torch.equal(clone(x)[0], model(x)[0])  # the copy runs its own weights
+    again = pickle.loads(pickle.dumps(model))
+    assert again._graphs is not model._graphs and len(again._graphs) == 0
+    assert again._graphs.max_graphs == model._graphs.max_graphs == 16

@@ -54,7 +54,7 @@ def test_fp16_inference_follows_float32_and_reuses_half_weights():
         assert a.dtype == torch.float16
         assert rel_err(b, a) < 1e-4
         assert rel_err(a, r) < 2e-2
-    assert model.stage1[0].attn.q.__dict__['_half_copies'][1].dtype == torch.float16
+    assert model.stage1[0].attn.q.__dict__['_half_copies'][torch.float16][1].dtype == torch.float16
 
 
 def test_half_copies_follow_new_weights_on_cuda():
@@ -85,3 +85,167 @@ def test_amp_training_step_on_cuda(style):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# ------------------------------------------------------------------ fast_inference (graphs)
+def fast_and_eager(**kwargs):
+    fast = cuda_model(**kwargs)
+    eager = cuda_model(fast_inference=False, **kwargs)
+    return fast, eager
+
+
+def run3(model, x):
+    """Three calls: eager (first sighting), recorded, replayed."""
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):
+        return [model(x) for _ in range(3)]
+
+
+@pytest.mark.parametrize('style', ['global', 'win', 'cwin', 'hwin'])
+@pytest.mark.parametrize('size', [(224, 320), (225, 301), (161, 250)])
+def test_fast_inference_equals_eager_in_fp16(style, size):
+    fast, eager = fast_and_eager(attn_style=style, window_size=(16, 8, 4, 2))
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, *size, device='cuda')
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):
+        ref = eager(x)
+    calls = run3(fast, x)
+    assert fast._graphs.captures == 1 and len(fast._graphs) == 1
+    for outs in calls:
+        for a, b in zip(outs, ref):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert rel_err(a, b) < 5e-3
+
+
+def test_fast_inference_float32_equals_eager_closely():
+    fast, eager = fast_and_eager()
+    x = torch.rand(1, 3, 200, 264, device='cuda')
+    with torch.no_grad():
+        ref = eager(x)
+        outs = [fast(x) for _ in range(3)][-1]
+    for a, b in zip(outs, ref):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_outputs_of_one_call_survive_the_next():
+    fast, eager = fast_and_eager()
+    x1, x2 = torch.rand(2, 1, 3, 160, 192, device='cuda')
+    run3(fast, x1)  # recorded and replayed at this size
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):
+        first = fast(x1)
+        kept = [o.clone() for o in first]
+        fast(x2)  # same size: the same graph runs again
+        ref = eager(x1)
+    for a, k, r in zip(first, kept, ref):
+        assert torch.equal(a, k)
+        assert rel_err(a, r) < 5e-3
+
+
+def test_an_evicted_size_is_recorded_again_and_still_right():
+    fast, eager = fast_and_eager(graph_cache_size=2)
+    sizes = [(128, 160), (160, 128), (192, 192)]
+    xs = [torch.rand(1, 3, *s, device='cuda') for s in sizes]
+    for x in xs:
+        run3(fast, x)
+    assert len(fast._graphs) == 2 and fast._graphs.captures == 3
+    outs = run3(fast, xs[0])  # evicted: eager, then recorded anew
+    assert fast._graphs.captures == 4
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):
+        ref = eager(xs[0])
+    for outs_i in outs:
+        for a, b in zip(outs_i, ref):
+            assert rel_err(a, b) < 5e-3
+
+
+def test_training_after_inference_trains_and_new_weights_are_used():
+    fast, _ = fast_and_eager(drop_path_rate=0.1)
+    x = torch.rand(2, 3, 128, 160, device='cuda')
+    before = run3(fast, x)[-1]
+    fast.train()
+    optimizer = torch.optim.SGD(fast.parameters(), lr=0.1)
+    with torch.autocast('cuda', dtype=torch.float16):
+        loss = sum(o.float().pow(2).mean() for o in fast(x))
+    loss.backward()
+    assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
+    optimizer.step()
+    fast.eval()
+    after = run3(fast, x)
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):
+        fast.fast_inference = False
+        ref = fast(x)
+    for outs in after:
+        for a, b, old in zip(outs, ref, before):
+            assert rel_err(a, b) < 5e-3  # the stepped weights, not the recorded ones
+            assert rel_err(a, old) > 1e-2
+
+
+def test_gradients_and_training_mode_never_replay():
+    fast, _ = fast_and_eager()
+    x = torch.rand(1, 3, 128, 128, device='cuda')
+    for _ in range(3):
+        fast(x)  # gradients on
+    fast.train()
+    with torch.no_grad():
+        for _ in range(3):
+            fast(x)
+    assert fast._graphs.captures == 0
+
+
+def test_toy_mask_rcnn_gives_the_same_ap_with_and_without_fast_inference(tmp_path):
+    """The GPU toy Mask R-CNN, trained briefly, tested through tools/test.py both ways."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from restv2_mm.toy_data import make_toy_data
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = os.path.join(root, 'configs', 'toy', 'maskrcnn_restv2_t_toy_gpu.py')
+    make_toy_data(str(tmp_path / 'data' / 'toy_gpu'), kind='coco', num_train=480, num_val=60,
+                  size=256, seed=0)
+
+    def tool(name, *args):
+        proc = subprocess.run([sys.executable, os.path.join(root, 'tools', name), config,
+                               *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    tool('train.py', '--work-dir', 'train', '--cfg-options', 'train_cfg.max_epochs=3',
+         'train_cfg.val_interval=3')
+    metrics = {}
+    for fast in (True, False):
+        tool('test.py', 'train/epoch_3.pth', '--work-dir', f'test_{fast}', '--cfg-options',
+             f'model.backbone.fast_inference={fast}')
+        with open(tmp_path / f'test_{fast}' / 'test_metrics.json') as f:
+            metrics[fast] = json.load(f)['metrics']
+    for key in ('coco/bbox_mAP', 'coco/segm_mAP'):
+        assert metrics[True][key] > 0.05  # it learned something, so the comparison means it
+        assert abs(metrics[True][key] - metrics[False][key]) <= 0.002, (key, metrics)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize('channels,rows', [(96, 134400), (192, 1001), (384, 7), (768, 4200)])
+def test_triton_layer_norm_equals_pytorchs(dtype, channels, rows):
+    from restv2_mm.models import fast_norm
+    assert fast_norm.available()  # Triton comes with PyTorch's CUDA wheels
+    torch.manual_seed(0)
+    x = (torch.randn(rows, channels, device='cuda') * 2 + 0.5).to(dtype)
+    w, b = torch.randn(channels, device='cuda'), torch.randn(channels, device='cuda')
+    y = fast_norm.layer_norm(x, w, b, 1e-6)
+    ref = torch.nn.functional.layer_norm(x.float(), (channels, ), w, b, 1e-6)
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = 1e-6 if dtype == torch.float32 else (1e-3 if dtype == torch.float16 else 8e-3)
+    assert rel_err(y, ref) < tol
+
+
+def test_layer_norm_layer_uses_triton_only_without_autograd():
+    from restv2_mm.models import fast_norm
+    from restv2_mm.models.half_weights import LayerNorm
+    norm = LayerNorm(96).cuda()
+    x = torch.randn(2, 50, 96, device='cuda')
+    with torch.no_grad():
+        assert fast_norm.can_use(x, norm.weight)
+    assert not fast_norm.can_use(x, norm.weight)  # gradients on: PyTorch's kernel
+    assert not fast_norm.can_use(x.transpose(0, 1), norm.weight)  # not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), torch.nn.functional.layer_norm(
+            x, (96, ), norm.weight, norm.bias, 1e-6), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fast_norm
+
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype autocast runs matrix products in on x's device, or None outside autocast."""
@@ -24,20 +26,21 @@ class HalfWeights:
 
     Autocast casts every weight on every call, one copy kernel each (about 170 per forward
     of ResTv2-T); at detection sizes the forward is bound by such launches on the host. Under
-    no_grad the copies are kept until the weights change (a new version, device or storage);
-    with gradients, and while torch.compile traces, they are made afresh as autocast would.
+    no_grad the copies are kept, one set per half dtype, until the weights change (a new
+    version, device or storage); a CUDA graph recorded with them stays valid for as long as
+    the weights do. With gradients, and while torch.compile traces, they are made afresh as
+    autocast would.
     """
 
     def _params_as(self, dtype: torch.dtype):
         w, b = self.weight, self.bias
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return w.to(dtype), None if b is None else b.to(dtype)
-        key = (dtype, w.data_ptr(), w._version,
-               None if b is None else (b.data_ptr(), b._version))
-        cached = self.__dict__.get('_half_copies')
+        key = (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
+        copies = self.__dict__.setdefault('_half_copies', {})  # dtype -> (key, w, b)
+        cached = copies.get(dtype)
         if cached is None or cached[0] != key:
-            cached = (key, w.to(dtype), None if b is None else b.to(dtype))
-            self.__dict__['_half_copies'] = cached
+            cached = copies[dtype] = (key, w.to(dtype), None if b is None else b.to(dtype))
         return cached[1:]
 
 
@@ -68,13 +71,17 @@ class LayerNorm(HalfWeights, nn.LayerNorm):
     would move twice the bytes and the layer after it would cast back (a third of the GPU
     time of the T backbone at 224 x 224, batch 128). The CUDA kernel accumulates half inputs
     in float32, so the result equals autocast's up to the final rounding. It needs weights
-    of the input's dtype (see :class:`HalfWeights`). Outside autocast this is nn.LayerNorm.
+    of the input's dtype (see :class:`HalfWeights`). Inference on CUDA goes through
+    :mod:`restv2_mm.models.fast_norm` where Triton is installed, which reads the float32
+    weights directly. Outside autocast this is nn.LayerNorm.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__(dim, eps=eps)
 
     def forward(self, x):
+        if fast_norm.can_use(x, self.weight):  # CUDA inference: one Triton kernel
+            return fast_norm.layer_norm(x, self.weight, self.bias, self.eps)
         if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
                 x.device.type):
             weight, bias = self._params_as(x.dtype)

@@ -11,6 +11,8 @@ backbone offers the window styles the paper measures for detection (Table 3): ``
 (``attention.py``), the window index tables (``windows.py``) and the layers that reuse half
 weights under autocast (``half_weights.py``).
 """
+import itertools
+import logging
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -18,9 +20,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from .attention import ATTENTION_KERNELS, ATTN_IMPLS
+from .cuda_graphs import GraphCache
 from .half_weights import Conv2d, LayerNorm, Linear
 from .windows import window_key_mask, window_layout
 
@@ -36,8 +40,6 @@ def as_nchw(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
 def as_tokens(x: torch.Tensor) -> torch.Tensor:
     """B, C, H, W -> B, N, C (a view when x is channels-last)."""
     return x.permute(0, 2, 3, 1).flatten(1, 2)
-
-
 
 
 # --------------------------------------------------------------------------------------
@@ -271,6 +273,13 @@ class CrossWindowConv(nn.Module):
 # --------------------------------------------------------------------------------------
 # The backbone
 # --------------------------------------------------------------------------------------
+def _warn_no_graph(error: Exception):
+    first_line = str(error).splitlines()[0] if str(error) else ''
+    print_log(f'ResTv2 fast_inference: recording a CUDA graph failed ({type(error).__name__}: '
+              f'{first_line}); inputs of this size run eagerly. fast_inference=False turns '
+              f'the recording off.', 'current', level=logging.WARNING)
+
+
 class ResTv2(BaseModule):
     """ResTv2 backbone (ResT V2: Simpler, Faster and Stronger, NeurIPS 2022).
 
@@ -297,6 +306,15 @@ class ResTv2(BaseModule):
             Default: -1.
         norm_eval (bool): keep BatchNorm layers in eval mode while training. Default: False.
         with_cp (bool): checkpoint each block's activations to save memory. Default: False.
+        fast_inference (bool): on a CUDA input, in eval mode and without gradients, replay
+            the forward as a CUDA graph recorded for that input's shape, dtype and autocast
+            dtype (the first call at a new signature runs eagerly, the second records it);
+            the outputs are fresh tensors each call. Training, gradients, CPU inputs,
+            ``with_cp`` and tracing or exporting always run eagerly, and a recording that
+            fails warns once and stays eager. See :mod:`restv2_mm.models.cuda_graphs`.
+            Default: True.
+        graph_cache_size (int): input signatures whose graphs are kept by
+            ``fast_inference``, least recently used first out. Default: 16.
         init_cfg (dict, optional): e.g. ``dict(type='Pretrained', checkpoint=PATH)``; the
             authors' ImageNet files load as they are (see :meth:`init_weights`).
 
@@ -357,6 +375,8 @@ class ResTv2(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 fast_inference: bool = True,
+                 graph_cache_size: int = 16,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         arch = self._parse_arch(arch)
@@ -377,6 +397,9 @@ class ResTv2(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
+        self.fast_inference = fast_inference
+        self._graphs = GraphCache(graph_cache_size, on_failure=_warn_no_graph)
+        self._state_tensors: Optional[List[torch.Tensor]] = None  # see _graph_state
 
         dims = self.embed_dims
         self.stem = ConvStem(in_channels, dims[0])
@@ -478,6 +501,7 @@ class ResTv2(BaseModule):
         for m in self.modules():
             if isinstance(m, EMSAv2):
                 m.set_attn_impl(attn_impl)
+        self._graphs.clear()
 
     def _freeze_stages(self):
         if self.frozen_stages < 0:
@@ -498,6 +522,7 @@ class ResTv2(BaseModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
+        self._state_tensors = None
         self._freeze_stages()
         if mode and self.norm_eval:
             for m in self.modules():
@@ -567,8 +592,36 @@ class ResTv2(BaseModule):
                 x = blk(x, H, W)
         return x
 
+    def _replays(self, x: torch.Tensor) -> bool:
+        """Whether this call goes through the CUDA graphs of ``fast_inference``."""
+        return (self.fast_inference and x.is_cuda and not self.training
+                and not torch.is_grad_enabled() and not self.with_cp
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+                and not torch.onnx.is_in_onnx_export()
+                and not torch.cuda.is_current_stream_capturing())
+
+    def _graph_state(self) -> tuple:
+        """What the recorded graphs read besides the input: weights and buffers, by address
+        and version (in-place updates, ``load_state_dict`` and ``.to()`` all change it).
+
+        The list of tensors is gathered again after ``train()``/``eval()`` and ``.to()``;
+        a model whose submodules are replaced in eval mode needs an ``eval()`` call after.
+        """
+        if self._state_tensors is None:
+            self._state_tensors = list(itertools.chain(self.parameters(), self.buffers()))
+        return tuple((t.data_ptr(), t._version) for t in self._state_tensors)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._state_tensors = None
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self._check_input(x)
+        if self._replays(x):
+            return self._graphs(self._forward, x, self._graph_state())
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         B = x.shape[0]
         if x.is_cuda:  # cuDNN's NHWC kernels; token views of conv outputs need no copy
             x = x.contiguous(memory_format=torch.channels_last)

@@ -2,6 +2,8 @@
 
 A token map is laid out in windows by one gather of its tokens and put back by one more;
 padding to whole windows lives only in these index tables, which are cached per map size.
+While a CUDA graph is being recorded they are made afresh instead, inside the graph, so that
+the graph owns them and no cache eviction can free memory it reads.
 """
 import functools
 from typing import Optional, Tuple
@@ -9,7 +11,10 @@ from typing import Optional, Tuple
 import torch
 
 
-@functools.lru_cache(maxsize=128)
+def _capturing(device) -> bool:
+    return torch.device(device).type == 'cuda' and torch.cuda.is_current_stream_capturing()
+
+
 def window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
     """How an H x W token map (row-major tokens) is laid out in window x window windows.
 
@@ -23,6 +28,13 @@ def window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ..
     The tables are cached, so they are made as normal tensors even under inference_mode:
     a training step may use them next.
     """
+    if _capturing(device):
+        return _window_layout(H, W, window, device)
+    return _cached_window_layout(H, W, window, device)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
     with torch.inference_mode(False):
         return _window_layout(H, W, window, device)
 
@@ -43,12 +55,23 @@ def _window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, .
     return gather.reshape(-1), scatter, real
 
 
-@functools.lru_cache(maxsize=64)
 def window_key_mask(B: int, H: int, W: int, window: int, device) -> Optional[torch.Tensor]:
     """Which keys of each window are real: bool, B * nW, 1, 1, window * window (broadcast
     over heads and queries); None when the map is a whole number of windows."""
     if H % window == 0 and W % window == 0:
         return None
+    if _capturing(device):
+        return _key_mask(B, window_layout(H, W, window, device)[2])
+    return _cached_key_mask(B, H, W, window, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_key_mask(B: int, H: int, W: int, window: int, device) -> torch.Tensor:
     real = window_layout(H, W, window, device)[2]
     with torch.inference_mode(False):
-        return real[:, None, None, :].repeat(B, 1, 1, 1)
+        return _key_mask(B, real)
+
+
+def _key_mask(B: int, real: torch.Tensor) -> torch.Tensor:
+    return real[:, None, None, :].repeat(B, 1, 1, 1)
+
