@@ -212,7 +212,8 @@ def det_data(bench: Bench, size, batch: int, with_gt: bool, seed: int = 0) -> di
 
 
 def build_optim_wrapper(bench: Bench, model, lr: float, weight_decay: float):
-    """AdamW in mmengine's AMP wrapper (plain wrapper on the CPU), same for every model."""
+    """The same set-up for every model: one AdamW group in mmengine's AMP wrapper (the plain
+    wrapper on the CPU)."""
     from mmengine.optim import AmpOptimWrapper, OptimWrapper
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     if bench.amp:
@@ -220,9 +221,25 @@ def build_optim_wrapper(bench: Bench, model, lr: float, weight_decay: float):
     return OptimWrapper(optimizer=optimizer)
 
 
+def config_optim_wrapper(bench: Bench, model, path: str, peer_path: str, scope: str):
+    """The optimizer set-up of the config at ``path`` (the peer's where it is missing):
+    its constructor, parameter-wise settings and optimizer, in the AMP wrapper on a GPU."""
+    from mmengine.optim import build_optim_wrapper as build
+    from mmengine.registry import DefaultScope
+    resolved = resolve_config_path(path)
+    cfg = copy.deepcopy(read_config(resolved if osp.exists(resolved) else peer_path)
+                        .optim_wrapper)
+    cfg['type'] = 'AmpOptimWrapper' if bench.amp else 'OptimWrapper'
+    for key in ('loss_scale', 'dtype') if not bench.amp else ():
+        cfg.pop(key, None)
+    with DefaultScope.overwrite_default_scope(scope):
+        return build(model, cfg)
 
-def seg_data(bench: Bench, size, batch: int, seed: int = 0) -> dict:
-    """Packed inputs as mmseg's PackSegInputs makes them: uint8 images and SegDataSamples."""
+
+def seg_data(bench: Bench, size, batch: int, with_gt: bool = False, seed: int = 0) -> dict:
+    """Packed inputs as mmseg's PackSegInputs makes them: uint8 images and SegDataSamples,
+    with random label maps of the 150 ADE20K classes for training."""
+    from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
     H, W = size
     gen = torch.Generator().manual_seed(seed)
@@ -230,7 +247,11 @@ def seg_data(bench: Bench, size, batch: int, seed: int = 0) -> dict:
     for i in range(batch):
         img = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=gen)
         inputs.append(img.to(bench.device))
-        samples.append(SegDataSample(metainfo=dict(
+        sample = SegDataSample(metainfo=dict(
             img_path=f'random_{i}.jpg', ori_shape=(H, W), img_shape=(H, W),
-            pad_shape=(H, W), scale_factor=(1., 1.), flip=False, flip_direction=None)))
+            pad_shape=(H, W), scale_factor=(1., 1.), flip=False, flip_direction=None))
+        if with_gt:
+            labels = torch.randint(0, 150, (1, H, W), generator=gen)
+            sample.gt_sem_seg = PixelData(data=labels.to(bench.device))
+        samples.append(sample)
     return dict(inputs=inputs, data_samples=samples)

@@ -1,14 +1,16 @@
 """What each section of the benchmark measures, at full size (``FULL``) or as a CPU smoke
 test (``QUICK``)."""
 import sys
+import time
 from typing import Callable
 
 import numpy as np
 import torch
 
 from .models import (SWIN_DET_CONFIG, SWIN_SEG_CONFIG, build_convnext_t, build_optim_wrapper,
-                     build_pvtv2_b2, build_restv2, build_swin_t, build_toolbox_model, det_data,
-                     fill_detections, seg_data, timm_available, toolbox_model_config)
+                     build_pvtv2_b2, build_restv2, build_swin_t, build_toolbox_model,
+                     config_optim_wrapper, det_data, fill_detections, seg_data, timm_available,
+                     toolbox_model_config)
 from .timing import Bench, progress_line
 
 SECTIONS = ('backbone224', 'dense', 'styles', 'detector', 'segmentor')
@@ -18,21 +20,23 @@ RESTV2_ARCHS = ('tiny', 'small', 'base', 'large')
 # Sizes and repeats: (warm-up, timed). The full run stays well inside 9 minutes on an H100.
 FULL = dict(
     cls_size=(224, 224), cls_batch=128, cls_reps=(10, 30),
-    dense_size=(800, 1344), dense_batch=2, dense_infer_reps=(10, 30), dense_train_reps=(5, 20),
+    dense_size=(800, 1344), dense_batch=2, dense_infer_reps=(10, 30), dense_train_reps=(4, 12),
+    new_sizes=((800, 1216), (736, 1344), (800, 1088)),
     style_sizes=((800, 1344, 2), (1600, 2688, 1), (2400, 4032, 1)),
-    style_reps=((10, 30), (5, 15), (3, 10)),
-    det_size=(800, 1344), det_train_batch=2, det_predict_reps=(10, 30), det_train_reps=(5, 15),
-    seg_size=(512, 512), seg_predict_reps=(10, 30),
+    style_reps=((10, 30), (4, 12), (3, 8)),
+    det_size=(800, 1344), det_train_batch=2, det_predict_reps=(10, 30), det_train_reps=(4, 12),
+    seg_size=(512, 512), seg_train_batch=4, seg_predict_reps=(10, 30), seg_train_reps=(4, 12),
 )
 # The quick run only proves that every path works: tiny inputs, one timed call, and lighter
 # heads for the whole models (see lighten_for_quick).
 QUICK = dict(
     cls_size=(64, 64), cls_batch=1, cls_reps=(0, 1),
     dense_size=(64, 96), dense_batch=2, dense_infer_reps=(0, 1), dense_train_reps=(0, 1),
+    new_sizes=((64, 64), ),
     style_sizes=((64, 96, 2), (96, 128, 1), (128, 160, 1)),
     style_reps=((0, 1), (0, 1), (0, 1)),
     det_size=(96, 128), det_train_batch=2, det_predict_reps=(0, 1), det_train_reps=(0, 1),
-    seg_size=(64, 64), seg_predict_reps=(0, 1),
+    seg_size=(64, 64), seg_train_batch=2, seg_predict_reps=(0, 1), seg_train_reps=(0, 1),
     quick=True,
 )
 
@@ -66,6 +70,32 @@ def backbone_steps(bench: Bench, build: Callable[[], torch.nn.Module], shape, tr
     return setup
 
 
+def graph_floor_steps(bench: Bench, build: Callable[[], torch.nn.Module], shape):
+    """setup() replaying one inference forward of a backbone as a single CUDA graph: the
+    time its GPU work takes once the host's launches are out of the way."""
+
+    def setup():
+        model = build().to(bench.device).eval()
+        x = torch.randn(*shape, device=bench.device)
+
+        def forward():
+            with torch.no_grad(), bench.autocast():
+                return model(x)
+
+        side = torch.cuda.Stream(bench.device)
+        side.wait_stream(torch.cuda.current_stream(bench.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # cuDNN autotuning and lazy set-up happen outside the graph
+                forward()
+        torch.cuda.current_stream(bench.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward()
+        return graph.replay
+
+    return setup
+
+
 # --------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------
@@ -95,23 +125,81 @@ def style_builder(style: str) -> Callable[[], torch.nn.Module]:
 
 
 def dense_models():
-    """(name, label, builder) of the backbones compared at detection resolution."""
-    models = [(f'restv2_t_{style}', f'ResTv2-T {style}', style_builder(style))
+    """(name, label, builder, modes) of the backbones compared at detection resolution;
+    'floor' is the same inference replayed as one CUDA graph."""
+    both = ('infer', 'train')
+    models = [(f'restv2_t_{style}', f'ResTv2-T {style}', style_builder(style), both)
               for style in STYLES]
-    models.append(('restv2_t_explicit', 'ResTv2-T global, explicit attention',
-                   lambda: build_restv2('tiny', drop_path_rate=0.1, attn_impl='explicit')))
-    models.append(('swin_t', 'Swin-T (mmdet)', build_swin_t))
+    models += [
+        ('restv2_t_eager', 'ResTv2-T global, fast_inference=False',
+         lambda: build_restv2('tiny', drop_path_rate=0.1, fast_inference=False),
+         ('infer', 'floor')),
+        ('restv2_t_explicit', 'ResTv2-T global, explicit attention, eager',
+         lambda: build_restv2('tiny', drop_path_rate=0.1, attn_impl='explicit',
+                              fast_inference=False), ('infer', 'train', 'floor')),
+        ('swin_t', 'Swin-T (mmdet)', build_swin_t, ('infer', 'train', 'floor')),
+        ('pvtv2_b2', 'PVTv2-b2 (mmdet)', build_pvtv2_b2, ('infer', 'floor')),
+        ('convnext_t', 'ConvNeXt-T (timm)', build_convnext_t, ('infer', 'floor')),
+    ]
     return models
 
 
 def section_dense(bench: Bench, s: dict, args):
     H, W = s['dense_size']
     shape = (s['dense_batch'], 3, H, W)
-    for name, label, build in dense_models():
-        for mode, reps in (('infer', s['dense_infer_reps']), ('train', s['dense_train_reps'])):
-            bench.measure(f'dense/{name}/{mode}',
-                          backbone_steps(bench, build, shape, mode == 'train'), reps,
-                          items=shape[0], label=label, input=list(shape), mode=mode)
+    for name, label, build, modes in dense_models():
+        for mode in modes:
+            key = f'dense/{name}/{mode}'
+            info = dict(items=shape[0], label=label, input=list(shape), mode=mode)
+            if name == 'convnext_t' and not timm_available():
+                bench.skip(key, 'timm is not importable; pip install timm', **info)
+                continue
+            if mode == 'floor':
+                if not bench.cuda:
+                    bench.skip(key, 'CUDA graphs need a GPU', **info)
+                    continue
+                setup = graph_floor_steps(bench, build, shape)
+            else:
+                setup = backbone_steps(bench, build, shape, mode == 'train')
+            reps = s['dense_train_reps'] if mode == 'train' else s['dense_infer_reps']
+            bench.measure(key, setup, reps, **info)
+    new_size_costs(bench, s)
+
+
+def new_size_costs(bench: Bench, s: dict):
+    """What a new input size costs ``fast_inference``: the first call (eager, with cuDNN's
+    autotuning), the second (recording the graph, then replaying it), later calls, and the
+    memory the recorded graph keeps (its input, output and intermediate buffers)."""
+    B = 1
+    for H, W in s['new_sizes']:
+        key = f'dense/restv2_t_global/new_size/{H}x{W}'
+        info = dict(label='ResTv2-T global, a new input size', input=[B, 3, H, W],
+                    mode='new size')
+        if not bench.cuda:
+            bench.skip(key, 'CUDA graphs need a GPU', **info)
+            continue
+        bench.clear()
+        model = build_restv2('tiny', drop_path_rate=0.1).to(bench.device).eval()
+        x = torch.randn(B, 3, H, W, device=bench.device)
+        times, memory = [], []
+        for _ in range(4):
+            torch.cuda.synchronize(bench.device)
+            start = time.perf_counter()
+            with torch.no_grad(), bench.autocast():
+                model(x)
+            torch.cuda.synchronize(bench.device)
+            times.append((time.perf_counter() - start) * 1e3)
+            memory.append(torch.cuda.memory_reserved(bench.device))
+        entry = dict(key=key, section='dense', status='ok', items=B, unit='img/s',
+                     first_ms=times[0], record_ms=times[1], median_ms=min(times[2:]),
+                     per_s=B * 1e3 / min(times[2:]), graph_mb=(memory[1] - memory[0]) / 2**20,
+                     graphs=len(model._graphs), **info)
+        bench.results[key] = entry
+        print(f'  {key}: first call {times[0]:.0f} ms, recording {times[1]:.1f} ms, then '
+              f'{entry["median_ms"]:.2f} ms; graph memory {entry["graph_mb"]:.0f} MB',
+              flush=True)
+        del model
+        bench.clear()
 
 
 def section_styles(bench: Bench, s: dict, args):
@@ -132,7 +220,6 @@ def section_styles(bench: Bench, s: dict, args):
                           items=B, **info)
 
 
-
 def section_detector(bench: Bench, s: dict, args):
     from mmengine.registry import DefaultScope
     models = [('restv2_t', 'Mask R-CNN ResTv2-T', args.restv2_det_config),
@@ -143,7 +230,7 @@ def section_detector(bench: Bench, s: dict, args):
             model_cfg, source, autotune = toolbox_model_config(
                 path, SWIN_DET_CONFIG, 'det', s.get('quick', False))
         except Exception as e:  # noqa: BLE001
-            for mode in ('predict', 'train'):
+            for mode in ('predict', 'train', 'train_own_optim'):
                 bench.results[f'detector/{name}/{mode}'] = dict(
                     key=f'detector/{name}/{mode}', section='detector', label=label,
                     status='error', error=f'config {path}: {type(e).__name__}: {e}')
@@ -172,17 +259,35 @@ def section_detector(bench: Bench, s: dict, args):
             if dets:
                 e['detections_per_image'] = float(np.mean(dets))
 
-            def setup_train():
-                model = build_toolbox_model(bench, model_cfg, 'mmdet').train()
-                optim_wrapper = build_optim_wrapper(bench, model, 1e-4, 0.05)
-                data = det_data(bench, (H, W), s['det_train_batch'], with_gt=True)
-                return lambda: model.train_step(data, optim_wrapper)
-
             B = s['det_train_batch']
-            bench.measure(f'detector/{name}/train', setup_train, s['det_train_reps'], items=B,
-                          label=label, config=source, input=[B, 3, H, W], mode='train',
-                          cudnn_benchmark=autotune)
+            for optim in ('same', 'own'):
+                bench.measure(
+                    f'detector/{name}/train' + ('_own_optim' if optim == 'own' else ''),
+                    train_steps(bench, model_cfg, 'mmdet', optim, path, SWIN_DET_CONFIG,
+                                det_data(bench, (H, W), B, with_gt=True), 1e-4, 0.05),
+                    s['det_train_reps'], items=B, label=label, config=source,
+                    input=[B, 3, H, W], mode='train', optimizer=OPTIMIZER_NOTES[optim],
+                    cudnn_benchmark=autotune)
 
+
+OPTIMIZER_NOTES = dict(same='one AdamW group for every model',
+                       own='the optimizer set-up of the model\'s own config')
+
+
+def train_steps(bench: Bench, model_cfg, scope: str, optim: str, path: str, peer_path: str,
+                data: dict, lr: float, weight_decay: float):
+    """setup() for one training iteration of a whole model (``train_step``, AMP on a GPU)
+    with the same AdamW for every model (``optim='same'``) or its config's (``'own'``)."""
+
+    def setup():
+        model = build_toolbox_model(bench, model_cfg, scope).train()
+        if optim == 'same':
+            optim_wrapper = build_optim_wrapper(bench, model, lr, weight_decay)
+        else:
+            optim_wrapper = config_optim_wrapper(bench, model, path, peer_path, scope)
+        return lambda: model.train_step(data, optim_wrapper)
+
+    return setup
 
 
 def section_segmentor(bench: Bench, s: dict, args):
@@ -196,9 +301,10 @@ def section_segmentor(bench: Bench, s: dict, args):
             model_cfg, source, autotune = toolbox_model_config(
                 path, SWIN_SEG_CONFIG, 'seg', s.get('quick', False))
         except Exception as e:  # noqa: BLE001
-            bench.results[key] = dict(key=key, section='segmentor', label=label,
-                                      status='error',
-                                      error=f'config {path}: {type(e).__name__}: {e}')
+            for mode in ('predict', 'train_own_optim'):
+                bench.results[f'segmentor/{name}/{mode}'] = dict(
+                    key=f'segmentor/{name}/{mode}', section='segmentor', label=label,
+                    status='error', error=f'config {path}: {type(e).__name__}: {e}')
             print(f'  ! {path}: {e}', file=sys.stderr)
             continue
         with DefaultScope.overwrite_default_scope('mmseg'), \
@@ -216,6 +322,13 @@ def section_segmentor(bench: Bench, s: dict, args):
 
             bench.measure(key, setup_predict, s['seg_predict_reps'], items=1, unit='FPS',
                           label=label, config=source, input=[1, 3, H, W], mode='predict',
+                          cudnn_benchmark=autotune)
+            B = s['seg_train_batch']
+            bench.measure(f'segmentor/{name}/train_own_optim',
+                          train_steps(bench, model_cfg, 'mmseg', 'own', path, SWIN_SEG_CONFIG,
+                                      seg_data(bench, (H, W), B, with_gt=True), 6e-5, 0.01),
+                          s['seg_train_reps'], items=B, label=label, config=source,
+                          input=[B, 3, H, W], mode='train', optimizer=OPTIMIZER_NOTES['own'],
                           cudnn_benchmark=autotune)
 
 

@@ -186,6 +186,9 @@ def main(argv=None) -> dict:
                     error=f'{type(e).__name__}: {e}')
             section_time[section] += time.perf_counter() - start
         keep_best_rounds(best, bench.results)
+        meta['rounds_done'] = round_ + 1
+        if round_ + 1 < args.rounds:  # a run stopped early keeps the rounds it finished
+            write_report(args, meta, best, settings)
     bench.results = best
     meta['rounds'] = args.rounds
     if 'styles' in args.sections:
@@ -198,17 +201,22 @@ def main(argv=None) -> dict:
             print(f'  ! plot failed: {meta["plot_error"]}', file=sys.stderr)
     meta['seconds'] = dict(total=time.perf_counter() - t0, **section_time)
 
-    ratios = compute_ratios(bench.results, ratio_definitions(settings))
-    targets = check_targets(ratios, target_definitions(settings))
-    print_report(meta, bench.results, ratios, targets)
+    report = write_report(args, meta, bench.results, settings)
+    print_report(meta, bench.results, report['ratios'], report['targets'])
+    print(f'results: {args.out_json}' + (f', plot: {args.out_plot}' if 'plot' in meta else ''))
+    return report
 
-    sections = {s: {k: e for k, e in bench.results.items() if e['section'] == s}
+
+def write_report(args, meta: dict, results: Dict[str, dict], settings: dict) -> dict:
+    """The results with their ratios and targets, written to ``--out-json``."""
+    ratios = compute_ratios(results, ratio_definitions(settings))
+    targets = check_targets(ratios, target_definitions(settings))
+    sections = {s: {k: e for k, e in results.items() if e['section'] == s}
                 for s in args.sections}
     report = dict(meta=meta, sections=sections, ratios=ratios, targets=targets)
     os.makedirs(osp.dirname(osp.abspath(args.out_json)), exist_ok=True)
     with open(args.out_json, 'w') as f:
         json.dump(report, f, indent=2, default=json_default)
-    print(f'results: {args.out_json}' + (f', plot: {args.out_plot}' if 'plot' in meta else ''))
     return report
 
 
