@@ -75,7 +75,8 @@ def graph_floor_steps(bench: Bench, build: Callable[[], torch.nn.Module], shape)
     time its GPU work takes once the host's launches are out of the way."""
 
     def setup():
-        model = build().to(bench.device).eval()
+        model = build().to(bench.device)
+        model.eval()  # not chained: some backbones' train() returns None
         x = torch.randn(*shape, device=bench.device)
 
         def forward():
