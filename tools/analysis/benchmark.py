@@ -12,13 +12,18 @@ Sections (``--sections``, comma separated; default all):
   ResTv2 T/S/B/L, mmdet's Swin-T (as in mmdet's Mask R-CNN Swin-T config), mmdet's PVTv2-b2
   and timm's ConvNeXt-T (skipped with a note where timm is not installed).
 - ``dense``: backbone latency and peak memory at 800 x 1344, batch 2, inference and one AMP
-  training step (forward + backward), for ResTv2-T in each attention style, ResTv2-T with
-  the explicit attention path (``attn_impl='explicit'``) and Swin-T.
+  training step (forward + backward), for ResTv2-T in each attention style (with
+  ``fast_inference``), ResTv2-T without it, ResTv2-T with the explicit attention path run
+  eagerly, Swin-T, PVTv2-b2 and ConvNeXt-T; each one's inference also replayed as a single
+  CUDA graph (its floor: the GPU work alone); and what a new input size costs
+  ``fast_inference`` (first call, recording, memory).
 - ``styles``: ResTv2-T inference latency in each style at 800 x 1344 (batch 2), 1600 x 2688
   and 2400 x 4032 (batch 1), drawn as latency per image against input size (``--out-plot``).
 - ``detector``: Mask R-CNN ResTv2-T against mmdet's Mask R-CNN Swin-T: predict at 800 x 1344
-  (batch 1, fp16) and one AMP training iteration at batch 2 with peak memory.
-- ``segmentor``: UperNet ResTv2-T against mmseg's UperNet Swin-T: predict at 512 x 512.
+  (batch 1, fp16) and one AMP training iteration at batch 2 with peak memory, with the same
+  AdamW for both and with each config's own optimizer set-up.
+- ``segmentor``: UperNet ResTv2-T against mmseg's UperNet Swin-T: predict at 512 x 512, and
+  one AMP training iteration at batch 4 with each config's own optimizer set-up.
 
 Every model has random weights (no pretrained files are read or downloaded). Times are
 medians over timed repeats after warm-up, taken with CUDA events (``time.perf_counter`` on
