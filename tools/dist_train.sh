@@ -1,31 +1,22 @@
 #!/usr/bin/env bash
-# Train with GPUS processes on this node (torchrun), e.g.
-#   bash tools/dist_train.sh configs/maskrcnn_restv2_t_coco.py 8 [train.py options]
-# Several nodes: NNODES, NODE_RANK, MASTER_ADDR and PORT, as mmdet's script.
+# Train with GPUS processes on this machine (torchrun), e.g.
+#   bash tools/dist_train.sh configs/maskrcnn_restv2_t_coco.py 8 [tools/train.py options]
+# With CUDA: one process per GPU (NCCL). Without: GPUS processes on the CPU (gloo).
+# One machine picks a free port unless PORT is set. Several machines: NNODES, NODE_RANK,
+# MASTER_ADDR and PORT (default 29500), as mmdet's script. PYTHON: the interpreter to use.
 set -e
 if [ $# -lt 2 ]; then
     echo "usage: bash tools/dist_train.sh CONFIG GPUS [tools/train.py options]" >&2
     exit 2
 fi
-CONFIG=$1
-GPUS=$2
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PYTHON=${PYTHON:-python}
-if [ -x "$ROOT/.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ]; then
-    PYTHON="$ROOT/.venv/bin/python"
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python
+    if [ -x "$ROOT/.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ]; then
+        PYTHON="$ROOT/.venv/bin/python"
+    fi
 fi
 
-PYTHONPATH="$ROOT":$PYTHONPATH \
-"$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --nproc_per_node="$GPUS" \
-    --master_port="$PORT" \
-    "$ROOT/tools/train.py" \
-    "$CONFIG" \
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
+exec "$PYTHON" -m restv2_mm.utils.launch "$2" "$ROOT/tools/train.py" "$1" \
     --launcher pytorch "${@:3}"

@@ -16,6 +16,7 @@ import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from restv2_mm.utils.dist import log_distributed, setup_distributed  # noqa: E402
 from restv2_mm.utils.preflight import check_checkpoint, check_data  # noqa: E402
 from restv2_mm.utils.tool import ToolError, load_config, toolbox_of  # noqa: E402
 
@@ -117,6 +118,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg, toolbox, pictures = build_test_config(args)
+        setup_distributed(cfg)
     except ToolError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -128,6 +130,7 @@ def main(argv=None):
         from mmdet.utils import setup_cache_size_limit_of_dynamo
         setup_cache_size_limit_of_dynamo()
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    log_distributed(runner)
     if args.out is not None and toolbox == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))

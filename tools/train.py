@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from restv2_mm.utils.dist import log_distributed, setup_distributed  # noqa: E402
 from restv2_mm.utils.preflight import (check_amp, check_checkpoint,  # noqa: E402
                                        check_data, check_pretrained)
 from restv2_mm.utils.tool import ToolError, load_config, toolbox_of  # noqa: E402
@@ -95,6 +96,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg, toolbox = build_train_config(args)
+        setup_distributed(cfg)
     except ToolError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -105,6 +107,7 @@ def main(argv=None):
         from mmdet.utils import setup_cache_size_limit_of_dynamo
         setup_cache_size_limit_of_dynamo()
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    log_distributed(runner)
     runner.train()
     return 0
 
