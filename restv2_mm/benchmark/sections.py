@@ -221,6 +221,16 @@ def section_styles(bench: Bench, s: dict, args):
                           items=B, **info)
 
 
+def config_failed(bench: Bench, prefix: str, modes, label: str, path: str, error: Exception):
+    """Record every measurement of a whole model whose config could not be read."""
+    for mode in modes:
+        key = f'{prefix}/{mode}'
+        bench.results[key] = dict(key=key, section=prefix.split('/')[0], label=label,
+                                  status='error',
+                                  error=f'config {path}: {type(error).__name__}: {error}')
+    print(f'  ! {path}: {error}', file=sys.stderr)
+
+
 def section_detector(bench: Bench, s: dict, args):
     from mmengine.registry import DefaultScope
     models = [('restv2_t', 'Mask R-CNN ResTv2-T', args.restv2_det_config),
@@ -231,11 +241,8 @@ def section_detector(bench: Bench, s: dict, args):
             model_cfg, source, autotune = toolbox_model_config(
                 path, SWIN_DET_CONFIG, 'det', s.get('quick', False))
         except Exception as e:  # noqa: BLE001
-            for mode in ('predict', 'train', 'train_own_optim'):
-                bench.results[f'detector/{name}/{mode}'] = dict(
-                    key=f'detector/{name}/{mode}', section='detector', label=label,
-                    status='error', error=f'config {path}: {type(e).__name__}: {e}')
-            print(f'  ! {path}: {e}', file=sys.stderr)
+            config_failed(bench, f'detector/{name}', ('predict', 'train', 'train_own_optim'),
+                          label, path, e)
             continue
         with DefaultScope.overwrite_default_scope('mmdet'), \
                 bench.cudnn_benchmark(autotune) as autotune:
@@ -302,11 +309,8 @@ def section_segmentor(bench: Bench, s: dict, args):
             model_cfg, source, autotune = toolbox_model_config(
                 path, SWIN_SEG_CONFIG, 'seg', s.get('quick', False))
         except Exception as e:  # noqa: BLE001
-            for mode in ('predict', 'train_own_optim'):
-                bench.results[f'segmentor/{name}/{mode}'] = dict(
-                    key=f'segmentor/{name}/{mode}', section='segmentor', label=label,
-                    status='error', error=f'config {path}: {type(e).__name__}: {e}')
-            print(f'  ! {path}: {e}', file=sys.stderr)
+            config_failed(bench, f'segmentor/{name}', ('predict', 'train_own_optim'), label,
+                          path, e)
             continue
         with DefaultScope.overwrite_default_scope('mmseg'), \
                 bench.cudnn_benchmark(autotune) as autotune:
