@@ -1,11 +1,12 @@
 """restv2_mm: the ResTv2 backbone for mmdet 3.x and mmseg 1.x."""
-from .checkpoint import extract_backbone_state, load_backbone, register_safe_globals
+from .checkpoint import (UnsafeCheckpointError, checkpoint_globals, extract_backbone_state,
+                         load_backbone, register_checkpoint_loaders)
 from .registry import register_all
 from .models import EMSAv2, ResTv2
 from .version import __version__
 
-register_safe_globals()
+register_checkpoint_loaders()
 register_all()
 
 __all__ = ['ResTv2', 'EMSAv2', 'load_backbone', 'extract_backbone_state',
-           'register_safe_globals', '__version__']
+           'checkpoint_globals', 'UnsafeCheckpointError', '__version__']

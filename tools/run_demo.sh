@@ -8,8 +8,8 @@
 #
 #   bash tools/run_demo.sh
 #
-# About 15 minutes on 2 CPU cores. DEMO_DIR (default work_dirs/demo) receives the logs,
-# checkpoints, metrics and pictures.
+# 15 to 20 minutes on 2 CPU cores after set-up (longer on a busy machine). DEMO_DIR (default
+# work_dirs/demo) receives the logs, checkpoints, metrics and pictures.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

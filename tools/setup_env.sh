@@ -24,6 +24,29 @@ fail() {
     printf '\n[setup] FAILED at step: %s\n[setup] %s\n' "$1" "$2" >&2
     exit 1
 }
+# Run a long command ("$2"...), printing every PROGRESS_EVERY seconds (default 60) that it is
+# still at work on "$1", with the time elapsed, so that a quiet compile does not look hung.
+TICKER=
+trap '[ -n "$TICKER" ] && kill "$TICKER" 2>/dev/null; true' EXIT
+with_progress() {
+    local what=$1 start rc=0 s
+    shift
+    start=$(date +%s)
+    (
+        while sleep "${PROGRESS_EVERY:-60}" </dev/null >/dev/null 2>&1; do
+            s=$(( $(date +%s) - start ))
+            printf '[setup] still %s: %d min %02d s elapsed\n' "$what" $(( s / 60 )) $(( s % 60 ))
+        done
+    ) &
+    TICKER=$!
+    "$@" || rc=$?
+    kill "$TICKER" 2>/dev/null || true
+    wait "$TICKER" 2>/dev/null || true
+    TICKER=
+    s=$(( $(date +%s) - start ))
+    [ "$rc" = 0 ] && printf '[setup] done %s in %d min %02d s\n' "$what" $(( s / 60 )) $(( s % 60 ))
+    return "$rc"
+}
 
 # 1. The virtual environment. A CUDA build of torch in the base interpreter is kept by
 #    letting the venv see the base site-packages; otherwise the venv is isolated.
@@ -53,19 +76,19 @@ if "$PY" -c 'import torch' 2>/dev/null; then
     echo "[setup] torch $("$PY" -c 'import torch; print(torch.__version__)') present"
 else
     step "installing torch==$TORCH_VERSION"
-    "${PIP[@]}" install -q "torch==$TORCH_VERSION" ||
+    with_progress "installing torch" "${PIP[@]}" install -q "torch==$TORCH_VERSION" ||
         fail "torch" "pip could not install torch==$TORCH_VERSION; set TORCH_VERSION to one pip can find, or install torch into .venv first."
 fi
 CUDA=$("$PY" -c 'import torch; print(1 if torch.cuda.is_available() else 0)')
 
 # 4. mmcv with compiled ops, built against the installed torch (pip caches the wheel).
 if ! "$PY" -c "import mmcv, mmcv.ops, sys; sys.exit(0 if mmcv.__version__ == '$MMCV_VERSION' else 1)" 2>/dev/null; then
-    step "building mmcv==$MMCV_VERSION with ops against torch (about 10 minutes on 2 cores; cached afterwards)"
+    step "building mmcv==$MMCV_VERSION with ops against torch (10 to 20 minutes on 2 cores the first time; pip caches the wheel)"
     "${PIP[@]}" install -q numpy 'opencv-python-headless' addict packaging Pillow pyyaml yapf 'mmengine>=0.10.5,<0.11' ||
         fail "mmcv dependencies" "pip could not install mmcv's build dependencies."
     export MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
     [ "$CUDA" = 1 ] && export FORCE_CUDA=1
-    "${PIP[@]}" install --no-build-isolation "mmcv==$MMCV_VERSION" ||
+    with_progress "building mmcv" "${PIP[@]}" install --no-build-isolation "mmcv==$MMCV_VERSION" ||
         fail "mmcv" "building mmcv $MMCV_VERSION failed (see the compiler output above); it needs gcc/g++ and the Python headers (python3-dev)."
 fi
 
