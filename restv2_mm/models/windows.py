@@ -2,6 +2,9 @@
 
 A token map is laid out in windows by one gather of its tokens and put back by one more;
 padding to whole windows lives only in these index tables, which are cached per map size.
+While a graph is being recorded for export (ONNX, torch.export, torch.compile, jit.trace) the
+sizes may be symbolic, so the tables are built from them inside the graph instead: the
+exported model then works for any batch and map size.
 """
 import functools
 from typing import Optional, Tuple
@@ -9,7 +12,14 @@ from typing import Optional, Tuple
 import torch
 
 
-@functools.lru_cache(maxsize=128)
+def recording_graph(*sizes) -> bool:
+    """Whether a graph is being recorded, where sizes may be symbolic: torch.export and the
+    ONNX exporter built on it, torch.compile (all three count as compiling), or jit.trace
+    (which the TorchScript ONNX exporter uses)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or any(isinstance(s, torch.SymInt) for s in sizes))
+
+
 def window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
     """How an H x W token map (row-major tokens) is laid out in window x window windows.
 
@@ -21,14 +31,21 @@ def window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ..
     - real (nW, window * window), bool: False for padding cells.
 
     The tables are cached, so they are made as normal tensors even under inference_mode:
-    a training step may use them next.
+    a training step may use them next. While a graph is recorded they are ops of that graph.
     """
+    if recording_graph(H, W):
+        return _window_layout(H, W, window, device)
+    return _cached_window_layout(H, W, window, device)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
     with torch.inference_mode(False):
         return _window_layout(H, W, window, device)
 
 
 def _window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
-    nH, nW = -(-H // window), -(-W // window)
+    nH, nW = (H + window - 1) // window, (W + window - 1) // window  # ceil (see EMSAv2)
     rows = torch.arange(nH * window, device=device)
     cols = torch.arange(nW * window, device=device)
 
@@ -43,10 +60,22 @@ def _window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, .
     return gather.reshape(-1), scatter, real
 
 
-@functools.lru_cache(maxsize=64)
 def window_key_mask(B: int, H: int, W: int, window: int, device) -> Optional[torch.Tensor]:
     """Which keys of each window are real: bool, B * nW, 1, 1, window * window (broadcast
-    over heads and queries); None when the map is a whole number of windows."""
+    over heads and queries); None when the map is a whole number of windows.
+
+    While a graph is recorded the mask is always made (all True where nothing is padded),
+    so the recorded graph holds for every map size, padded or not.
+    """
+    if recording_graph(B, H, W):
+        real = _window_layout(H, W, window, device)[2]
+        return real[:, None, None, :].repeat(B, 1, 1, 1)
+    return _cached_window_key_mask(B, H, W, window, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_window_key_mask(B: int, H: int, W: int, window: int,
+                            device) -> Optional[torch.Tensor]:
     if H % window == 0 and W % window == 0:
         return None
     real = window_layout(H, W, window, device)[2]
