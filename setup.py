@@ -36,7 +36,10 @@ setup(
         'regex',
         'matplotlib',
     ],
-    extras_require={'tests': ['pytest>=7']},
+    extras_require={
+        # onnx export (tools/deploy/export_onnx.py) and its tests
+        'tests': ['pytest>=7', 'onnx>=1.16', 'onnxruntime>=1.18', 'onnxscript>=0.3'],
+    },
     classifiers=[
         'Programming Language :: Python :: 3',
         'Topic :: Scientific/Engineering :: Artificial Intelligence',

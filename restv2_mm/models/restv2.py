@@ -189,7 +189,9 @@ class EMSAv2(nn.Module):
         if r > 1:
             x = as_tokens(self.sr(as_nchw(x, H, W)))
             x = self.sr_norm(x)
-        Hr, Wr = -(-H // r), -(-W // r)
+        # ceil, written without floor-dividing a negative size: exporters turn that into
+        # ONNX's Div, which rounds towards zero
+        Hr, Wr = (H + r - 1) // r, (W + r - 1) // r
         kv = self.kv(x)  # B, Hr * Wr, 2C laid out as (2, h, d)
         v = kv[..., C:]
 

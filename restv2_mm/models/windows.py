@@ -2,8 +2,12 @@
 
 A token map is laid out in windows by one gather of its tokens and put back by one more;
 padding to whole windows lives only in these index tables, which are cached per map size.
-While a CUDA graph is being recorded they are made afresh instead, inside the graph, so that
-the graph owns them and no cache eviction can free memory it reads.
+Two kinds of recording build them afresh instead, as ops of what is recorded:
+
+- a CUDA graph (``fast_inference``): the graph then owns the tables, and no cache eviction
+  can free memory it reads;
+- an export or compilation (ONNX, torch.export, torch.compile, jit.trace), where sizes may
+  be symbolic: the exported model then works for any batch and map size.
 """
 import functools
 from typing import Optional, Tuple
@@ -11,7 +15,16 @@ from typing import Optional, Tuple
 import torch
 
 
+def recording_graph(*sizes) -> bool:
+    """Whether a graph is being recorded, where sizes may be symbolic: torch.export and the
+    ONNX exporter built on it, torch.compile (all three count as compiling), or jit.trace
+    (which the TorchScript ONNX exporter uses)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or any(isinstance(s, torch.SymInt) for s in sizes))
+
+
 def _capturing(device) -> bool:
+    """Whether a CUDA graph is being recorded on the current stream."""
     return torch.device(device).type == 'cuda' and torch.cuda.is_current_stream_capturing()
 
 
@@ -26,9 +39,9 @@ def window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ..
     - real (nW, window * window), bool: False for padding cells.
 
     The tables are cached, so they are made as normal tensors even under inference_mode:
-    a training step may use them next.
+    a training step may use them next. While a graph is recorded they are ops of that graph.
     """
-    if _capturing(device):
+    if recording_graph(H, W) or _capturing(device):
         return _window_layout(H, W, window, device)
     return _cached_window_layout(H, W, window, device)
 
@@ -40,7 +53,7 @@ def _cached_window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Te
 
 
 def _window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
-    nH, nW = -(-H // window), -(-W // window)
+    nH, nW = (H + window - 1) // window, (W + window - 1) // window  # ceil (see EMSAv2)
     rows = torch.arange(nH * window, device=device)
     cols = torch.arange(nW * window, device=device)
 
@@ -57,7 +70,13 @@ def _window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, .
 
 def window_key_mask(B: int, H: int, W: int, window: int, device) -> Optional[torch.Tensor]:
     """Which keys of each window are real: bool, B * nW, 1, 1, window * window (broadcast
-    over heads and queries); None when the map is a whole number of windows."""
+    over heads and queries); None when the map is a whole number of windows.
+
+    While a graph is recorded for export the mask is always made (all True where nothing is
+    padded), so the recorded graph holds for every map size, padded or not.
+    """
+    if recording_graph(B, H, W):
+        return _key_mask(B, _window_layout(H, W, window, device)[2])
     if H % window == 0 and W % window == 0:
         return None
     if _capturing(device):
@@ -74,4 +93,3 @@ def _cached_key_mask(B: int, H: int, W: int, window: int, device) -> torch.Tenso
 
 def _key_mask(B: int, real: torch.Tensor) -> torch.Tensor:
     return real[:, None, None, :].repeat(B, 1, 1, 1)
-

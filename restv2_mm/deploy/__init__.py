@@ -1,0 +1,1 @@
+"""Taking ResTv2 models out of PyTorch: ONNX export with dynamic sizes (``onnx``)."""
