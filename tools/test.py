@@ -54,7 +54,7 @@ def _show_pictures(cfg, toolbox: str, args):
     hooks = cfg.get('default_hooks', {})
     if 'visualization' not in hooks:
         raise ToolError('--show/--show-dir need default_hooks.visualization in the '
-                               'config (DetVisualizationHook or SegVisualizationHook).')
+                        'config (DetVisualizationHook or SegVisualizationHook).')
     hook = hooks['visualization']
     hook['draw'] = True
     if args.show:
