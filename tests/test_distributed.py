@@ -21,6 +21,7 @@ import torch
 from mmengine.config import Config
 
 from rank_probe import parameter_digest
+from restv2_mm.checkpoint import read_checkpoint
 from restv2_mm.toy_data import make_toy_data
 from restv2_mm.utils import dist as dist_utils
 from restv2_mm.utils import launch
@@ -140,7 +141,7 @@ def test_two_processes_train_maskrcnn_in_step_and_only_rank_0_writes(maskrcnn_ru
     # the gradients were averaged: both ranks end with the same parameters ...
     assert ranks[0]['parameters'] == ranks[1]['parameters']
     # ... which are those of the checkpoint, written once, by rank 0, with one log
-    checkpoint = torch.load(work / 'epoch_1.pth', map_location='cpu')
+    checkpoint = read_checkpoint(str(work / 'epoch_1.pth'))
     state = checkpoint['state_dict']
     names = ranks[0]['parameter_names']
     assert parameter_digest((n, state[n]) for n in names) == ranks[0]['parameters']
