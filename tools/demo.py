@@ -15,8 +15,9 @@ import warnings
 
 from mmengine.config import DictAction
 
-from restv2_mm.utils.tool import (ToolError, check_file, load_config, read_checkpoint_file,
-                                  restv2_backbone_cfg, run_tool, toolbox_of)
+from restv2_mm.utils.tool import (ToolError, check_file, load_config, model_state,
+                                  read_checkpoint_file, restv2_backbone_cfg, run_tool,
+                                  toolbox_of)
 
 
 def parse_args(argv=None):
@@ -71,24 +72,14 @@ def numbered_classes(num_classes: int) -> dict:
 
 def load_weights(model, checkpoint: str) -> dict:
     """Load a checkpoint of this model; returns its meta. Clear errors when it does not fit."""
-    import re
     ckpt = read_checkpoint_file(checkpoint)
-    state = ckpt.get('state_dict', ckpt)
-    if not isinstance(state, dict):
-        raise ToolError(f'{checkpoint!r} holds no state_dict.')
-    state = {re.sub(r'^module\.', '', k): v for k, v in state.items()}
+    state = model_state(model, ckpt, checkpoint)
     own = model.state_dict()
-    bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
-           if k in own and hasattr(v, 'shape') and v.shape != own[k].shape]
-    if bad:
-        raise ToolError(f'{checkpoint!r} does not fit the model of the config (shape '
-                          f'mismatch: {"; ".join(bad[:3])}); pass the config it was '
-                          f'trained with.')
     missing = [k for k in own if k not in state]
     if len(missing) > len(own) // 2:
         raise ToolError(f'{checkpoint!r} does not hold this model: {len(missing)} of its '
-                          f'{len(own)} weights are missing (e.g. {missing[0]}). For an '
-                          f'authors\' ImageNet file use tools/train.py first.')
+                        f'{len(own)} weights are missing (e.g. {missing[0]}). For an '
+                        f'authors\' ImageNet file use tools/train.py first.')
     model.load_state_dict(state, strict=False)
     if missing:
         print(f'warning: {len(missing)} weights not in the checkpoint, left as '

@@ -173,21 +173,16 @@ def build_part(cfg, part: str, checkpoint: Optional[str] = None) -> Tuple[nn.Mod
 def load_model_weights(model: nn.Module, checkpoint: str) -> str:
     """Load a checkpoint of the whole model (train.py's) or of its backbone alone (the
     authors' ImageNet file, convert_official.py's output); says what was loaded."""
-    from ..utils.tool import ToolError, load_backbone_weights, read_checkpoint_file
-    state = read_checkpoint_file(checkpoint)
-    state = state.get('state_dict', state)
-    state = {re.sub(r'^module\.', '', k): v for k, v in state.items()}
+    from ..utils.tool import load_backbone_weights, model_state, read_checkpoint_file
+    ckpt = read_checkpoint_file(checkpoint)
     own = model.state_dict()
-    if not any(k in own and not k.startswith('backbone.') for k in state):
+    state = ckpt.get('state_dict', ckpt)
+    names = {re.sub(r'^module\.', '', k) for k in state} if isinstance(state, dict) else set()
+    if not any(k in own and not k.startswith('backbone.') for k in names):
         load_backbone_weights(model.backbone, checkpoint)
         return (f'the backbone weights of {checkpoint}; neck and heads are random (the file '
                 f'holds a backbone only)')
-    bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
-           if k in own and hasattr(v, 'shape') and v.shape != own[k].shape]
-    if bad:
-        raise ToolError(f'{checkpoint!r} does not fit the model of the config (shape '
-                        f'mismatch: {"; ".join(bad[:3])}); pass the config it was trained '
-                        f'with.')
+    state = model_state(model, ckpt, checkpoint)
     model.load_state_dict(state, strict=False)
     missing = [k for k in own if k not in state]
     if missing:

@@ -6,6 +6,7 @@ traceback.
 """
 import os
 import os.path as osp
+import re
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -153,3 +154,19 @@ def load_backbone_weights(backbone: ResTv2, checkpoint: str) -> dict:
                         f'the backbone\'s keys); is it a checkpoint of this model?')
     return report
 
+
+
+def model_state(model: nn.Module, checkpoint: dict, path: str) -> dict:
+    """The state_dict of a whole-model checkpoint, ``module.`` prefixes stripped, checked to
+    fit ``model`` (a :class:`ToolError` names the mismatched shapes)."""
+    state = checkpoint.get('state_dict', checkpoint)
+    if not isinstance(state, dict):
+        raise ToolError(f'{path!r} holds no state_dict.')
+    state = {re.sub(r'^module\.', '', k): v for k, v in state.items()}
+    own = model.state_dict()
+    bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
+           if k in own and hasattr(v, 'shape') and v.shape != own[k].shape]
+    if bad:
+        raise ToolError(f'{path!r} does not fit the model of the config (shape mismatch: '
+                        f'{"; ".join(bad[:3])}); pass the config it was trained with.')
+    return state
