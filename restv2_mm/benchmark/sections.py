@@ -41,6 +41,30 @@ QUICK = dict(
 )
 
 
+def backbone_step(model: torch.nn.Module, x: torch.Tensor, train: bool,
+                  autocast: Callable) -> Callable[[], object]:
+    """One inference forward, or one training step (forward, a scalar loss over the
+    outputs, backward), of a backbone already in the right mode; ``autocast()`` gives the
+    precision context."""
+    if not train:
+
+        def step():
+            with torch.no_grad(), autocast():
+                return model(x)
+
+        return step
+
+    def step():
+        with autocast():
+            outs = model(x)
+            loss = sum(o.float().mean() for o in outs)
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return step
+
+
 def backbone_steps(bench: Bench, build: Callable[[], torch.nn.Module], shape, train: bool):
     """setup() for one backbone: returns a step running inference or a training step."""
 
@@ -49,23 +73,7 @@ def backbone_steps(bench: Bench, build: Callable[[], torch.nn.Module], shape, tr
         model.train(train)
         model = bench.maybe_compile(model)
         x = torch.randn(*shape, device=bench.device)
-        if not train:
-
-            def step():
-                with torch.no_grad(), bench.autocast():
-                    return model(x)
-
-            return step
-
-        def step():
-            with bench.autocast():
-                outs = model(x)
-                loss = sum(o.float().mean() for o in outs)
-            loss.backward()
-            for p in model.parameters():
-                p.grad = None
-
-        return step
+        return backbone_step(model, x, train, bench.autocast)
 
     return setup
 

@@ -35,6 +35,7 @@ try:
 except ImportError:  # run from a checkout that is not pip-installed
     sys.path.insert(0, REPO_ROOT)
 from restv2_mm import ResTv2  # noqa: E402
+from restv2_mm.benchmark.sections import backbone_step  # noqa: E402
 from restv2_mm.models import ATTN_IMPLS, ATTN_STYLES, EMSAv2, Mlp  # noqa: E402
 
 MODES = ('infer', 'train')
@@ -118,26 +119,8 @@ def annotate(model: torch.nn.Module) -> List:
 
 
 def make_step(model, x, mode: str, autocast):
-    if mode == 'infer':
-        model.eval()
-
-        def step():
-            with torch.no_grad(), autocast():
-                return model(x)
-
-        return step
-
-    model.train()
-
-    def step():
-        with autocast():
-            outs = model(x)
-            loss = sum(o.float().mean() for o in outs)
-        loss.backward()
-        for p in model.parameters():
-            p.grad = None
-
-    return step
+    model.train(mode == 'train')
+    return backbone_step(model, x, mode == 'train', autocast)
 
 
 def time_of(evt, cuda: bool, self_only: bool) -> float:
