@@ -360,3 +360,112 @@ def test_a_model_with_fast_inference_copies_and_pickles():
     again = pickle.loads(pickle.dumps(model))
     assert again._graphs is not model._graphs and len(again._graphs) == 0
     assert again._graphs.max_graphs == model._graphs.max_graphs == 16
+
+
+# ---------------------------------------------------------------------------- training
+class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops run inside it, by name (forward and backward alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def bf16_training_step(model, x, shared: bool):
+    """Forward under CPU bf16 autocast and backward; ``shared``: all weights cast at once."""
+    import contextlib
+    from restv2_mm.models.half_weights import shared_half_copies
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with shared_half_copies(model, torch.bfloat16) if shared else contextlib.nullcontext():
+            outs = model._forward(x)
+        loss = sum((o.float()**2).mean() for o in outs)
+    loss.backward()
+    return outs
+
+
+def test_one_cast_for_all_weights_gives_autocasts_numbers_exactly(monkeypatch):
+    from restv2_mm.models.restv2 import Mlp
+    monkeypatch.setattr(Mlp, '_recomputes', lambda self, x: False)  # the cast alone
+    model = randomised(ResTv2('tiny', frozen_stages=1)).train()
+    plain = randomised(ResTv2('tiny', frozen_stages=1)).train()
+    x = torch.rand(2, 3, 64, 96)
+    with CountOps() as shared_ops:
+        outs = bf16_training_step(model, x, shared=True)
+    with CountOps() as plain_ops:
+        ref = bf16_training_step(plain, x, shared=False)
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref))
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert (p.grad is None) == (q.grad is None), name  # frozen stages stay without
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+    # autocast casts each of ~200 weights and biases forward and back; here a few casts do
+    assert plain_ops.counts['_to_copy'] > 300
+    assert shared_ops.counts['_to_copy'] < 60
+    assert not any('_shared_halves' in m.__dict__ for m in model.modules())
+
+
+def test_one_cast_for_all_weights_is_not_used_on_the_cpu():
+    model = ResTv2('tiny').train()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert model._half_dtype_for_training(x) is None  # each layer casts its own
+        with CountOps() as ops:
+            model(x)
+    assert ops.counts['_to_copy'] > 150
+
+
+@pytest.mark.parametrize('autocast', [None, torch.bfloat16])
+def test_mlp_keeps_one_hidden_tensor_and_gives_the_same_gradients(autocast):
+    import contextlib
+    from restv2_mm.models.restv2 import Mlp
+    torch.manual_seed(0)
+    mlp = Mlp(32, 128)
+    x = torch.randn(2, 50, 32, requires_grad=True)
+
+    def step(recompute):
+        saved = []
+        mlp.zero_grad()
+        x.grad = None
+        mlp._recomputes = lambda inp: recompute and Mlp._recomputes(mlp, inp)
+        ctx = torch.autocast('cpu', dtype=autocast) if autocast else contextlib.nullcontext()
+        with ctx, torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            out = mlp(x)
+        (out.float()**2).sum().backward()
+        return out, [x.grad] + [p.grad for p in mlp.parameters()], sum(saved)
+
+    out, grads, saved = step(True)
+    ref_out, ref_grads, ref_saved = step(False)
+    assert torch.equal(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+    hidden = 2 * 50 * 128 * (2 if autocast else 4)  # one B x N x 4C tensor
+    assert ref_saved - saved >= hidden
+
+
+def test_mlp_hooks_still_see_its_layers_in_training():
+    from restv2_mm.models.restv2 import Mlp
+    mlp = Mlp(16, 64)
+    seen = []
+    mlp.fc1.register_forward_hook(lambda m, i, o: seen.append('fc1'))
+    mlp(torch.randn(3, 16, requires_grad=True)).sum().backward()
+    assert seen == ['fc1']
+
+
+def test_drop_path_residual_adds_the_same_as_drop_path():
+    from restv2_mm.models.restv2 import DropPath
+    dp = DropPath(0.5).train()
+    x, branch = torch.randn(64, 5, 8), torch.randn(64, 5, 8)
+    torch.manual_seed(3)
+    fused = dp.residual(x, branch)
+    torch.manual_seed(3)
+    torch.testing.assert_close(fused, x + dp(branch))
+    kept = [(fused[i] - x[i]).abs().sum() > 0 for i in range(64)]
+    assert 10 < sum(kept) < 54  # whole samples dropped, about half of them
+    dp.eval()
+    assert torch.equal(dp.residual(x, branch), x + branch)

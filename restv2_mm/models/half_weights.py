@@ -1,11 +1,19 @@
-"""Layers that keep half-precision copies of their weights for inference under autocast.
+"""Layers that take their weights in half precision from one place under autocast.
 
 At detection sizes a ResTv2 forward is bound by the host launching kernels, and autocast
-adds one cast kernel per weight per call. These drop-in subclasses of ``nn.Linear``,
-``nn.Conv2d`` and ``nn.LayerNorm`` reuse their half copies while the weights do not change;
-with gradients on they behave exactly as the ``torch.nn`` layers under autocast.
+adds one cast kernel per weight per call, and one more per weight in the backward. These
+drop-in subclasses of ``nn.Linear``, ``nn.Conv2d`` and ``nn.LayerNorm`` avoid both:
+
+- in inference they reuse their half copies while the weights do not change;
+- in a forward with gradients, :func:`shared_half_copies` casts the weights of all of them
+  at once (one concatenation, one cast) and hands each layer its slice; the backward then
+  converts all their gradients back in one kernel too. The numbers are autocast's: the
+  same roundings of the same weights and gradients.
+
+Outside autocast they are the ``torch.nn`` layers.
 """
-from typing import Optional
+import contextlib
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -28,11 +36,15 @@ class HalfWeights:
     of ResTv2-T); at detection sizes the forward is bound by such launches on the host. Under
     no_grad the copies are kept, one set per half dtype, until the weights change (a new
     version, device or storage); a CUDA graph recorded with them stays valid for as long as
-    the weights do. With gradients, and while torch.compile traces, they are made afresh as
-    autocast would.
+    the weights do. With gradients they come from :func:`shared_half_copies` where it is
+    active; otherwise, and while torch.compile traces, they are made afresh as autocast
+    would.
     """
 
     def _params_as(self, dtype: torch.dtype):
+        shared = self.__dict__.get('_shared_halves')  # set by shared_half_copies
+        if shared is not None and shared[0] == dtype:
+            return shared[1:]
         w, b = self.weight, self.bias
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return w.to(dtype), None if b is None else b.to(dtype)
@@ -43,23 +55,63 @@ class HalfWeights:
             cached = copies[dtype] = (key, w.to(dtype), None if b is None else b.to(dtype))
         return cached[1:]
 
+    def params_for(self, x: torch.Tensor):
+        """(weight, bias) as this layer would compute with them on input ``x``: autocast's
+        half copies under autocast, the parameters themselves otherwise."""
+        dtype = autocast_dtype(x)
+        if dtype is None:
+            return self.weight, self.bias
+        return self._params_as(dtype)
+
+    def _has_half_params(self) -> bool:
+        """Whether this call has half weights without a cast of its own."""
+        return not torch.is_grad_enabled() or '_shared_halves' in self.__dict__
+
+
+@contextlib.contextmanager
+def shared_half_copies(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, every :class:`HalfWeights` layer of ``module`` takes its weights
+    from one ``dtype`` copy of all of them, made by one concatenation and one cast.
+
+    For one forward with gradients under autocast: autocast would cast each weight on its
+    own and convert each gradient back on its own, about 400 kernels for ResTv2-T's ~200
+    weights and biases; here both directions take a few. Frozen weights are included (no
+    gradient reaches them). Gradients arrive once the backward has passed every layer.
+    """
+    layers: List[HalfWeights] = [m for m in module.modules() if isinstance(m, HalfWeights)]
+    tensors = [t for m in layers for t in (m.weight, m.bias) if t is not None]
+    if not tensors:
+        yield
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+    halves = iter(flat.split([t.numel() for t in tensors]))
+    for m in layers:
+        w = next(halves).view_as(m.weight)
+        b = None if m.bias is None else next(halves).view_as(m.bias)
+        m.__dict__['_shared_halves'] = (dtype, w, b)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop('_shared_halves', None)
+
 
 class Linear(HalfWeights, nn.Linear):
-    """``nn.Linear`` that reuses its half weights in inference under autocast."""
+    """``nn.Linear`` that takes half weights without a cast per call under autocast."""
 
     def forward(self, x):
         dtype = autocast_dtype(x)
-        if dtype is None or torch.is_grad_enabled():
+        if dtype is None or not self._has_half_params():
             return super().forward(x)
         return F.linear(x, *self._params_as(dtype))
 
 
 class Conv2d(HalfWeights, nn.Conv2d):
-    """``nn.Conv2d`` that reuses its half weights in inference under autocast."""
+    """``nn.Conv2d`` that takes half weights without a cast per call under autocast."""
 
     def forward(self, x):
         dtype = autocast_dtype(x)
-        if dtype is None or torch.is_grad_enabled():
+        if dtype is None or not self._has_half_params():
             return super().forward(x)
         return self._conv_forward(x, *self._params_as(dtype))
 

@@ -25,7 +25,8 @@ from mmengine.model import BaseModule
 
 from .attention import ATTENTION_KERNELS, ATTN_IMPLS
 from .cuda_graphs import GraphCache
-from .half_weights import Conv2d, LayerNorm, Linear
+from .gelu_recompute import linear_gelu_linear
+from .half_weights import Conv2d, LayerNorm, Linear, autocast_dtype, shared_half_copies
 from .windows import window_key_mask, window_layout
 
 ATTN_STYLES = ('global', 'win', 'cwin', 'hwin')
@@ -55,9 +56,18 @@ class DropPath(nn.Module):
     def forward(self, x):
         if self.drop_prob == 0. or not self.training:
             return x
+        return x * self._scale(x)
+
+    def residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``x + self(branch)`` in one kernel (addcmul) where samples may be dropped."""
+        if self.drop_prob == 0. or not self.training:
+            return x + branch
+        return torch.addcmul(x, branch, self._scale(branch))
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Per sample: 0 (dropped) or 1 / keep probability, in x's dtype."""
         keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
 
     def extra_repr(self):
         return f'drop_prob={self.drop_prob}'
@@ -128,7 +138,29 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden_dim, dim)
 
     def forward(self, x):
+        if self._recomputes(x):
+            w1, b1 = self.fc1.params_for(x)
+            w2, b2 = self.fc2.params_for(x)
+            return linear_gelu_linear(x.to(w1.dtype), w1, b1, w2, b2)
         return self.fc2(self.act(self.fc1(x)))
+
+    def _recomputes(self, x: torch.Tensor) -> bool:
+        """Whether this call keeps one hidden tensor for the backward instead of two (see
+        :mod:`restv2_mm.models.gelu_recompute`): when there is a backward to come, and no
+        hook (a FLOP counter, a feature probe) waits on fc1, act or fc2 being called."""
+        return (torch.is_grad_enabled() and not self._hooked()
+                and (x.requires_grad or self.fc1.weight.requires_grad
+                     or self.fc2.weight.requires_grad)
+                and type(self.act) is nn.GELU and self.act.approximate == 'none'
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+                and not torch.onnx.is_in_onnx_export())
+
+    def _hooked(self) -> bool:
+        from torch.nn.modules import module as nn_module
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks
+                   for m in (self.fc1, self.act, self.fc2))
 
 
 class EMSAv2(nn.Module):
@@ -252,6 +284,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, H: int, W: int):
+        if isinstance(self.drop_path, DropPath):
+            x = self.drop_path.residual(x, self.attn(self.norm1(x), H, W))
+            return self.drop_path.residual(x, self.mlp(self.norm2(x)))
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -602,6 +637,18 @@ class ResTv2(BaseModule):
                 and not torch.onnx.is_in_onnx_export()
                 and not torch.cuda.is_current_stream_capturing())
 
+    def _half_dtype_for_training(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        """The half dtype in which one cast serves all weights of this forward (see
+        :func:`~restv2_mm.models.half_weights.shared_half_copies`): autocast's, on CUDA with
+        gradients on; None where each layer casts on its own (on the CPU the extra copy of
+        the weights costs more than the launches it saves)."""
+        if (not x.is_cuda or not torch.is_grad_enabled() or self.with_cp
+                or torch.jit.is_tracing()
+                or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
+            return None
+        dtype = autocast_dtype(x)
+        return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
     def _graph_state(self) -> tuple:
         """What the recorded graphs read besides the input: weights and buffers, by address
         and version (in-place updates, ``load_state_dict`` and ``.to()`` all change it).
@@ -621,6 +668,10 @@ class ResTv2(BaseModule):
         self._check_input(x)
         if self._replays(x):
             return self._graphs(self._forward, x, self._graph_state())
+        half = self._half_dtype_for_training(x)
+        if half is not None:
+            with shared_half_copies(self, half):
+                return self._forward(x)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
