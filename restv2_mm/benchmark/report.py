@@ -85,6 +85,8 @@ def print_report(meta: dict, results: Dict[str, dict], ratios: Dict[str, dict],
             rate = f'{e["per_s"]:.1f} {e["unit"]}' if e['status'] == 'ok' else '-'
             status = e['status'] if e['status'] == 'ok' else \
                 f'{e["status"]}: {e.get("error", e.get("note", ""))}'[:80]
+            if e.get('kernels') is not None:
+                status += f', {e["kernels"]} kernels a step'
             name = e['key'].split('/', 1)[1]
             print(f'{name:<44} {shape:>16} {fmt(e.get("median_ms")):>10} {rate:>14} '
                   f'{fmt(e.get("peak_mb"), ".0f"):>9}  {status}')

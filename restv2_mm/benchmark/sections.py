@@ -171,7 +171,7 @@ def section_dense(bench: Bench, s: dict, args):
             else:
                 setup = backbone_steps(bench, build, shape, mode == 'train')
             reps = s['dense_train_reps'] if mode == 'train' else s['dense_infer_reps']
-            bench.measure(key, setup, reps, **info)
+            bench.measure(key, setup, reps, count_kernels=mode == 'train', **info)
     new_size_costs(bench, s)
 
 
@@ -282,8 +282,8 @@ def section_detector(bench: Bench, s: dict, args):
                     train_steps(bench, model_cfg, 'mmdet', optim, path, SWIN_DET_CONFIG,
                                 det_data(bench, (H, W), B, with_gt=True), 1e-4, 0.05),
                     s['det_train_reps'], items=B, label=label, config=source,
-                    input=[B, 3, H, W], mode='train', optimizer=OPTIMIZER_NOTES[optim],
-                    cudnn_benchmark=autotune)
+                    input=[B, 3, H, W], mode='train', count_kernels=True,
+                    optimizer=OPTIMIZER_NOTES[optim], cudnn_benchmark=autotune)
 
 
 OPTIMIZER_NOTES = dict(same='one AdamW group for every model',
@@ -341,8 +341,8 @@ def section_segmentor(bench: Bench, s: dict, args):
                           train_steps(bench, model_cfg, 'mmseg', 'own', path, SWIN_SEG_CONFIG,
                                       seg_data(bench, (H, W), B, with_gt=True), 6e-5, 0.01),
                           s['seg_train_reps'], items=B, label=label, config=source,
-                          input=[B, 3, H, W], mode='train', optimizer=OPTIMIZER_NOTES['own'],
-                          cudnn_benchmark=autotune)
+                          input=[B, 3, H, W], mode='train', count_kernels=True,
+                          optimizer=OPTIMIZER_NOTES['own'], cudnn_benchmark=autotune)
 
 
 SECTION_RUNNERS = dict(backbone224=section_backbone224, dense=section_dense,

@@ -21,6 +21,7 @@ class Bench:
         self.compile_models = compile_models
         self.allow_cudnn_benchmark = cudnn_benchmark and self.cuda
         self.results: Dict[str, dict] = {}
+        self.kernel_counts: Dict[str, int] = {}  # by key: counted once, in the first round
         torch.backends.cudnn.benchmark = self.allow_cudnn_benchmark
 
     @contextlib.contextmanager
@@ -78,9 +79,24 @@ class Bench:
                     min_ms=float(np.min(times)), max_ms=float(np.max(times)),
                     warmup=warmup, reps=reps, base_mb=base_mb, peak_mb=peak_mb)
 
+    def kernels_per_step(self, step: Callable[[], object]) -> int:
+        """How many GPU kernels one call of ``step`` launches (torch.profiler)."""
+        from torch.profiler import ProfilerActivity, profile
+        torch.cuda.synchronize(self.device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize(self.device)
+        return sum(1 for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith(('Memcpy', 'Memset')))
+
     def measure(self, key: str, setup: Callable[[], Callable[[], object]], reps, *,
-                items: int = 1, unit: str = 'img/s', **info) -> dict:
+                items: int = 1, unit: str = 'img/s', count_kernels: bool = False,
+                **info) -> dict:
         """Build with ``setup()`` (which returns the step to time), time it, keep the result.
+
+        ``count_kernels``: also count the GPU kernels of one more call (on CUDA; once per
+        key, the count does not change between rounds).
 
         Whatever goes wrong (out of memory included) is recorded in the entry's ``status``
         and ``error``; the caller's next measurement runs regardless.
@@ -92,6 +108,10 @@ class Bench:
             step = setup()
             entry.update(self.time_steps(step, *reps))
             entry['per_s'] = items * 1e3 / entry['median_ms']
+            if count_kernels and self.cuda:
+                if key not in self.kernel_counts:
+                    self.kernel_counts[key] = self.kernels_per_step(step)
+                entry['kernels'] = self.kernel_counts[key]
             entry['status'] = 'ok'
         except Exception as e:  # noqa: BLE001  (any failure is a result to report)
             oom = isinstance(e, torch.cuda.OutOfMemoryError) or 'out of memory' in str(e)
@@ -118,7 +138,9 @@ def progress_line(e: dict) -> str:
     if e['status'] != 'ok':
         return f'{e["key"]}: {e["status"]} {e.get("error", e.get("note", ""))}'
     mem = f', peak {e["peak_mb"]:.0f} MB' if e.get('peak_mb') is not None else ''
-    return (f'{e["key"]}: {e["median_ms"]:.2f} ms, {e["per_s"]:.1f} {e["unit"]}{mem}')
+    kernels = f', {e["kernels"]} kernels a step' if e.get('kernels') is not None else ''
+    return (f'{e["key"]}: {e["median_ms"]:.2f} ms, {e["per_s"]:.1f} {e["unit"]}{mem}'
+            f'{kernels}')
 
 
 def keep_best_rounds(best: Dict[str, dict], results: Dict[str, dict]) -> Dict[str, dict]:
