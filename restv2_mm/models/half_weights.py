@@ -75,10 +75,14 @@ def shared_half_copies(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
     For one forward with gradients under autocast: autocast would cast each weight on its
     own and convert each gradient back on its own, about 400 kernels for ResTv2-T's ~200
-    weights and biases; here both directions take a few. Frozen weights are included (no
-    gradient reaches them). Gradients arrive once the backward has passed every layer.
+    weights and biases; here both directions take a few. Layers with frozen weights are left
+    to cast their own, so that no gradient is computed for them. Gradients arrive once the
+    backward has passed every layer.
     """
-    layers: List[HalfWeights] = [m for m in module.modules() if isinstance(m, HalfWeights)]
+    layers: List[HalfWeights] = [
+        m for m in module.modules() if isinstance(m, HalfWeights)
+        and all(t.requires_grad for t in (m.weight, m.bias) if t is not None)
+    ]
     tensors = [t for m in layers for t in (m.weight, m.bias) if t is not None]
     if not tensors:
         yield
