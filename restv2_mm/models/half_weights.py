@@ -63,9 +63,15 @@ class HalfWeights:
             return self.weight, self.bias
         return self._params_as(dtype)
 
-    def _has_half_params(self) -> bool:
-        """Whether this call has half weights without a cast of its own."""
-        return not torch.is_grad_enabled() or '_shared_halves' in self.__dict__
+    def _reused_half_params(self, x: torch.Tensor):
+        """(weight, bias) in autocast's dtype where this call needs no cast of its own (in
+        inference, or inside :func:`shared_half_copies`); None where the ``torch.nn`` layer
+        should run as it is."""
+        dtype = autocast_dtype(x)
+        if dtype is None or (torch.is_grad_enabled()
+                             and '_shared_halves' not in self.__dict__):
+            return None
+        return self._params_as(dtype)
 
 
 @contextlib.contextmanager
@@ -104,20 +110,16 @@ class Linear(HalfWeights, nn.Linear):
     """``nn.Linear`` that takes half weights without a cast per call under autocast."""
 
     def forward(self, x):
-        dtype = autocast_dtype(x)
-        if dtype is None or not self._has_half_params():
-            return super().forward(x)
-        return F.linear(x, *self._params_as(dtype))
+        params = self._reused_half_params(x)
+        return super().forward(x) if params is None else F.linear(x, *params)
 
 
 class Conv2d(HalfWeights, nn.Conv2d):
     """``nn.Conv2d`` that takes half weights without a cast per call under autocast."""
 
     def forward(self, x):
-        dtype = autocast_dtype(x)
-        if dtype is None or not self._has_half_params():
-            return super().forward(x)
-        return self._conv_forward(x, *self._params_as(dtype))
+        params = self._reused_half_params(x)
+        return super().forward(x) if params is None else self._conv_forward(x, *params)
 
 
 class LayerNorm(HalfWeights, nn.LayerNorm):

@@ -279,16 +279,13 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = LayerNorm(dim)
         self.attn = EMSAv2(dim, num_heads, sr_ratio, window_size, attn_impl)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, H: int, W: int):
-        if isinstance(self.drop_path, DropPath):
-            x = self.drop_path.residual(x, self.attn(self.norm1(x), H, W))
-            return self.drop_path.residual(x, self.mlp(self.norm2(x)))
-        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path.residual(x, self.attn(self.norm1(x), H, W))
+        return self.drop_path.residual(x, self.mlp(self.norm2(x)))
 
 
 class CrossWindowConv(nn.Module):
