@@ -27,7 +27,9 @@ from restv2_mm.utils import dist as dist_utils
 from restv2_mm.utils import launch
 from restv2_mm.utils.tool import ToolError
 from test_downstream import (DET_TOY, ROOT, SEG_TOY, TIMEOUT,
-                             _checkpoint_is_weights_only_loadable, assert_ok, run_tool)
+                             _checkpoint_is_weights_only_loadable, assert_ok,
+                             last_checkpoint_iter, resume_options, run_tool,
+                             wait_for_first_checkpoint)
 
 HERE = osp.dirname(osp.abspath(__file__))
 TRAIN_IMAGES = [f'{i:012d}.jpg' for i in range(1, 5)]
@@ -193,24 +195,16 @@ def test_upernet_killed_on_two_processes_resumes_on_two(dist_cwd):
     work = dist_cwd / 'work_resume'
     total = 6
     # 2 images a process: BatchNorm (the CPU's stand-in for SyncBN) needs more than one
-    opts = ['--work-dir', str(work), '--cfg-options', f'train_cfg.max_iters={total}',
-            f'train_cfg.val_interval={total}', 'default_hooks.checkpoint.interval=2',
-            'default_hooks.checkpoint.max_keep_ckpts=10', 'train_dataloader.batch_size=2',
-            'val_dataloader.batch_size=1', 'default_hooks.logger.interval=1']
+    opts = resume_options(work, total, val_batch=1)
     first = subprocess.Popen(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), SEG_TOY, '2',
                               *opts], cwd=dist_cwd, env=dist_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-    deadline = time.time() + TIMEOUT
     try:
-        while not (work / 'iter_2.pth').exists() or not (work / 'last_checkpoint').exists():
-            assert first.poll() is None, 'the first run ended before its first checkpoint'
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_for_first_checkpoint(first, work)
     finally:
         workers = crash(first)
     assert first.returncode == -signal.SIGKILL and len(workers) == 2
-    last = (work / 'last_checkpoint').read_text().strip()
-    done = int(osp.basename(last)[len('iter_'):-len('.pth')])
+    _, done = last_checkpoint_iter(work)
     assert 2 <= done < total
     first_log = the_log(work)
     assert TWO_ON_CPU in first_log and 'Iter(train) [2/6]' in first_log

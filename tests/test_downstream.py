@@ -210,32 +210,47 @@ def test_upernet_train_val_test_from_checkpoint(toy_cwd):
     assert str(pictures / 'vis_data' / 'vis_image') in proc.stdout
 
 
+def resume_options(work, total: int, val_batch: int):
+    """Tool options for a run of ``total`` iterations with a checkpoint every 2."""
+    return ['--work-dir', str(work), '--cfg-options', f'train_cfg.max_iters={total}',
+            f'train_cfg.val_interval={total}', 'default_hooks.checkpoint.interval=2',
+            'default_hooks.checkpoint.max_keep_ckpts=10', 'train_dataloader.batch_size=2',
+            f'val_dataloader.batch_size={val_batch}', 'default_hooks.logger.interval=1']
+
+
+def wait_for_first_checkpoint(proc, work):
+    """Poll until ``proc`` has written its first checkpoint (iter_2) and named it last."""
+    deadline = time.time() + TIMEOUT
+    while not (work / 'iter_2.pth').exists() or not (work / 'last_checkpoint').exists():
+        assert proc.poll() is None, 'the first run ended before its first checkpoint'
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def last_checkpoint_iter(work):
+    """The path of the checkpoint a resume starts from, and its iteration."""
+    last = (work / 'last_checkpoint').read_text().strip()
+    return last, int(osp.basename(last)[len('iter_'):-len('.pth')])
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_where_the_checkpoint_left_off(toy_cwd):
     work = toy_cwd / 'work_resume'
     total = 10
-    opts = ['--work-dir', str(work), '--cfg-options', f'train_cfg.max_iters={total}',
-            f'train_cfg.val_interval={total}', 'default_hooks.checkpoint.interval=2',
-            'default_hooks.checkpoint.max_keep_ckpts=10', 'train_dataloader.batch_size=2',
-            'val_dataloader.batch_size=2', 'default_hooks.logger.interval=1']
+    opts = resume_options(work, total, val_batch=2)
     env = dict(os.environ, PYTHONWARNINGS='ignore')
     first = subprocess.Popen([sys.executable, osp.join(ROOT, 'tools', 'train.py'), SEG_TOY,
                               *opts], cwd=toy_cwd, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-    deadline = time.time() + TIMEOUT
     try:
-        while not (work / 'iter_2.pth').exists() or not (work / 'last_checkpoint').exists():
-            assert first.poll() is None, 'the first run ended before its first checkpoint'
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_for_first_checkpoint(first, work)
         first.send_signal(signal.SIGKILL)  # between checkpoints, no chance to clean up
         first.wait(30)
     finally:
         if first.poll() is None:
             first.kill()
     assert first.returncode == -signal.SIGKILL
-    last = (work / 'last_checkpoint').read_text().strip()
-    done = int(osp.basename(last)[len('iter_'):-len('.pth')])
+    last, done = last_checkpoint_iter(work)
     assert 2 <= done < total
     first_logs = sorted(p for p in work.iterdir() if p.is_dir())
     first_log = next(first_logs[0].glob('*.log'))
