@@ -27,7 +27,7 @@ from .attention import ATTENTION_KERNELS, ATTN_IMPLS
 from .cuda_graphs import GraphCache
 from .gelu_recompute import linear_gelu_linear
 from .half_weights import Conv2d, LayerNorm, Linear, autocast_dtype, shared_half_copies
-from .windows import window_key_mask, window_layout
+from .windows import recording_graph, window_key_mask, window_layout
 
 ATTN_STYLES = ('global', 'win', 'cwin', 'hwin')
 MIN_INPUT_SIZE = 32
@@ -152,8 +152,7 @@ class Mlp(nn.Module):
                 and (x.requires_grad or self.fc1.weight.requires_grad
                      or self.fc2.weight.requires_grad)
                 and type(self.act) is nn.GELU and self.act.approximate == 'none'
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-                and not torch.onnx.is_in_onnx_export())
+                and not recording_graph())
 
     def _hooked(self) -> bool:
         from torch.nn.modules import module as nn_module
@@ -639,9 +638,7 @@ class ResTv2(BaseModule):
         :func:`~restv2_mm.models.half_weights.shared_half_copies`): autocast's, on CUDA with
         gradients on; None where each layer casts on its own (on the CPU the extra copy of
         the weights costs more than the launches it saves)."""
-        if (not x.is_cuda or not torch.is_grad_enabled() or self.with_cp
-                or torch.jit.is_tracing()
-                or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
+        if not x.is_cuda or not torch.is_grad_enabled() or self.with_cp or recording_graph():
             return None
         dtype = autocast_dtype(x)
         return dtype if dtype in (torch.float16, torch.bfloat16) else None
