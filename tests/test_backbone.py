@@ -275,6 +275,7 @@ def test_with_cp_gives_same_outputs_and_gradients():
     (dict(frozen_stages=-2), 'frozen_stages=-2'),
     (dict(attn_impl='flash'), "attn_impl='flash'"),
     (dict(graph_cache_size=0), 'graph_cache_size=0 must be a positive int'),
+    (dict(train_graph_cache_size=True), 'train_graph_cache_size=True must be a positive int'),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -360,6 +361,21 @@ def test_a_model_with_fast_inference_copies_and_pickles():
     again = pickle.loads(pickle.dumps(model))
     assert again._graphs is not model._graphs and len(again._graphs) == 0
     assert again._graphs.max_graphs == model._graphs.max_graphs == 16
+    assert again._train_graphs.max_graphs == clone._train_graphs.max_graphs == 4
+    assert again._train_graphs.arg_name == 'train_graph_cache_size'
+
+
+def test_fast_training_on_the_cpu_is_the_eager_path_exactly():
+    kwargs = dict(attn_style='win', window_size=(16, 8, 4, 2), drop_path_rate=0.)
+    fast = randomised(ResTv2('tiny', fast_training=True, **kwargs)).train()
+    eager = randomised(ResTv2('tiny', **kwargs)).train()
+    x = torch.rand(2, 3, 97, 130)
+    for _ in range(3):
+        for model in (fast, eager):
+            sum(o.pow(2).mean() for o in model(x)).backward()
+    for (name, p), q in zip(fast.named_parameters(), eager.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert fast._train_graphs.captures == 0 and len(fast._train_graphs) == 0
 
 
 # ---------------------------------------------------------------------------- training

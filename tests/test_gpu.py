@@ -288,3 +288,186 @@ def test_layer_norm_layer_uses_triton_only_without_autograd():
     with torch.no_grad():
         torch.testing.assert_close(norm(x), torch.nn.functional.layer_norm(
             x, (96, ), norm.weight, norm.bias, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ fast_training (graphs)
+def graph_and_eager_trainers(**kwargs):
+    """Two identical models in train mode, one replaying training passes as CUDA graphs."""
+    graph = cuda_model(fast_training=True, **kwargs).train()
+    eager = cuda_model(**kwargs).train()
+    return graph, eager
+
+
+def train_step(model, x, optimizer=None, amp=False):
+    with torch.autocast('cuda', dtype=torch.float16, enabled=amp):
+        outs = model(x)
+    loss = sum((o.float() * (i + 1)).pow(2).mean() for i, o in enumerate(outs))
+    if amp:  # scaled as a GradScaler would, so that fp16 gradients do not flush to zero
+        loss = loss * 1024
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return [o.detach().clone() for o in outs], grads
+
+
+def assert_close_steps(a, b, tol):
+    (outs_a, grads_a), (outs_b, grads_b) = a, b
+    for oa, ob in zip(outs_a, outs_b):
+        assert oa.shape == ob.shape and rel_err(oa, ob) < tol
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        a, b = grads_a[name], grads_b[name]
+        assert b.norm() > 0 and rel_err(a, b) < tol, name
+
+
+@pytest.mark.parametrize('style', ['global', 'win', 'cwin', 'hwin'])
+@pytest.mark.parametrize('size', [(224, 320), (161, 250)])
+def test_fast_training_follows_eager_steps_in_float32(style, size):
+    graph, eager = graph_and_eager_trainers(attn_style=style, window_size=(16, 8, 4, 2))
+    # SGD: an update in proportion to the gradient, so that the atomics' last-bit noise in
+    # near-zero gradients is not blown up into different weights (as Adam's would)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (graph, eager)]
+    torch.manual_seed(1)
+    for step in range(4):  # eager (first sight), recorded, replayed, replayed
+        x = torch.rand(2, 3, *size, device='cuda')
+        assert_close_steps(train_step(graph, x, opts[0]), train_step(eager, x, opts[1]), 1e-3)
+        if step == 1:
+            assert graph._train_graphs.captures == 1
+    assert graph._train_graphs.captures == 1 and len(graph._train_graphs) == 1
+    for p, q in zip(graph.parameters(), eager.parameters()):
+        assert rel_err(p, q) < 1e-3
+
+
+def test_fast_training_under_amp_follows_eager_and_frozen_stages_stay_frozen():
+    graph, eager = graph_and_eager_trainers(frozen_stages=1)
+    x = torch.rand(2, 3, 256, 320, device='cuda')
+    for _ in range(3):
+        a, b = train_step(graph, x, amp=True), train_step(eager, x, amp=True)
+        assert_close_steps(a, b, 5e-3)
+        graph.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+    assert graph._train_graphs.captures == 1
+    assert not any(n.startswith(('stem.', 'stage1.', 'norm0.')) for n in a[1])
+
+
+def test_fast_training_accumulates_gradients_over_replays():
+    graph, eager = graph_and_eager_trainers()
+    xs = torch.rand(4, 1, 3, 128, 160, device='cuda')
+    train_step(graph, xs[0])  # seen once: the next call records
+    graph.zero_grad(set_to_none=True)
+    for x in xs[1:]:  # recorded, replayed, replayed: three gradients summed without zero_grad
+        train_step(graph, x)
+        train_step(eager, x)
+    assert graph._train_graphs.captures == 1
+    for (name, p), q in zip(graph.named_parameters(), eager.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-4, name
+
+
+def test_fast_training_outputs_survive_the_next_replay():
+    graph, _ = graph_and_eager_trainers()
+    x1, x2 = torch.rand(2, 1, 3, 128, 160, device='cuda')
+    for _ in range(2):
+        train_step(graph, x1)
+    first = graph(x1)
+    kept = [o.detach().clone() for o in first]
+    sum(o.float().mean() for o in first).backward()
+    second = graph(x2)
+    sum(o.float().mean() for o in second).backward()
+    assert graph._train_graphs.captures == 1
+    for a, k in zip(first, kept):
+        assert torch.equal(a.detach(), k)
+
+
+def test_fast_training_second_forward_before_backward_runs_eagerly():
+    graph, eager = graph_and_eager_trainers()
+    x1, x2 = torch.rand(2, 1, 3, 128, 160, device='cuda')
+    for _ in range(2):  # record at this size
+        train_step(graph, x1)
+    graph.zero_grad(set_to_none=True)
+    losses = []
+    for model in (graph, eager):
+        loss = sum(o.float().pow(2).mean() for o in model(x1) + model(x2))
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) <= 1e-4 * abs(losses[1])
+    for (name, p), q in zip(graph.named_parameters(), eager.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-4, name
+
+
+def test_fast_training_backward_of_a_replaced_replay_raises():
+    graph, _ = graph_and_eager_trainers()
+    x = torch.rand(1, 3, 128, 160, device='cuda')
+    for _ in range(2):
+        train_step(graph, x)
+    loss = sum(o.float().mean() for o in graph(x))
+    loss.backward(retain_graph=True)
+    sum(o.float().mean() for o in graph(x)).backward()  # replays again at this size
+    with pytest.raises(RuntimeError, match='fast_training=False'):
+        loss.backward()
+
+
+def test_fast_training_records_again_when_settings_change_and_skips_hooked_models():
+    graph, eager = graph_and_eager_trainers(drop_path_rate=0.1)
+    x = torch.rand(2, 3, 128, 160, device='cuda')
+    for _ in range(3):
+        train_step(graph, x)
+    assert graph._train_graphs.captures == 1
+    for m in graph.modules():  # a drop-path schedule changes the rates: a new recording
+        if hasattr(m, 'drop_prob'):
+            m.drop_prob = 0.
+    for m in eager.modules():
+        if hasattr(m, 'drop_prob'):
+            m.drop_prob = 0.
+    eager.load_state_dict(graph.state_dict())
+    graph.zero_grad(set_to_none=True)  # the three steps above accumulated theirs
+    for _ in range(3):
+        assert_close_steps(train_step(graph, x), train_step(eager, x), 1e-4)
+        graph.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+    assert graph._train_graphs.captures == 2
+    handle = graph.stage2[0].register_forward_hook(lambda *args: None)
+    for _ in range(3):
+        train_step(graph, x)
+    assert graph._train_graphs.captures == 2  # hooked: eager
+    handle.remove()
+    graph.eval()
+    with torch.no_grad():
+        graph(x)
+    assert graph._train_graphs.captures == 2
+
+
+def test_fast_training_drop_path_draws_new_samples_at_each_replay():
+    graph, _ = graph_and_eager_trainers(drop_path_rate=0.5)
+    x = torch.rand(4, 3, 128, 160, device='cuda')
+    outs = [train_step(graph, x)[0][-1] for _ in range(6)]
+    assert graph._train_graphs.captures == 1
+    replays = outs[2:]
+    assert any(not torch.equal(replays[0], o) for o in replays[1:])
+
+
+def test_toy_upernet_trains_with_fast_training_through_train_py(tmp_path):
+    """The toy UperNet with fast_training switched on from the command line, trained with
+    AMP through tools/train.py: the graphs are recorded once and the model still learns."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from restv2_mm.toy_data import make_toy_data
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = os.path.join(root, 'configs', 'toy', 'upernet_restv2_t_toy.py')
+    make_toy_data(str(tmp_path / 'data' / 'toy'), kind='ade', seed=0)
+    proc = subprocess.run([sys.executable, os.path.join(root, 'tools', 'train.py'), config,
+                           '--work-dir', 'train', '--amp', '--cfg-options',
+                           'model.backbone.fast_training=True'], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count('fast_training: training passes at input size') == 1, out[-4000:]
+    assert 'recording a CUDA graph failed' not in out
+    scalars = [json.loads(line) for line in
+               open(next((tmp_path / 'train').glob('*/vis_data/scalars.json')))]
+    miou = [s['mIoU'] for s in scalars if 'mIoU' in s]
+    assert miou and miou[-1] > 30, miou

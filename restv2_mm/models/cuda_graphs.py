@@ -1,22 +1,29 @@
-"""Inference replayed as CUDA graphs: one launch for the whole forward instead of hundreds.
+"""Forward passes (and training steps) replayed as CUDA graphs: one launch instead of hundreds.
 
 At detection sizes the eager forward of a ResTv2 backbone launches about 325 kernels, and the
-host launches them more slowly than the GPU runs them. :class:`GraphCache` records a forward
-once per input signature (shape, dtype, device, autocast dtype) and replays it afterwards:
+host launches them more slowly than the GPU runs them. The caches here record a pass once per
+input signature (shape, dtype, device, autocast dtype) and replay it afterwards:
+
+- :class:`GraphCache` (``fast_inference``): the forward without gradients;
+- :class:`TrainGraphCache` (``fast_training``): the forward with gradients and its backward,
+  as one autograd node whose backward replays the second graph.
+
+Both share the same policy:
 
 - a new signature runs eagerly the first time (which also warms up cuDNN's autotuning, the
   half-weight copies and the window tables); the second time it is captured and replayed;
-- at most ``max_graphs`` signatures are kept, least recently used first out; all graphs
-  share one memory pool, so their intermediate buffers are reused across shapes;
+- at most ``max_graphs`` signatures are kept, least recently used first out; all graphs of a
+  cache share one memory pool, so their intermediate buffers are reused across shapes;
 - the outputs are copied out of the graph's buffers, so a later call never overwrites
   tensors a neck still holds;
-- anything the graphs were captured with (the weights, their half copies, the buffers)
-  that changes address or version drops every graph, so a training step, a
-  ``load_state_dict`` or ``.to()`` between two calls can never leave a stale capture;
+- when the state the graphs were captured with changes (see ``state_key``), every graph is
+  dropped, so a ``load_state_dict``, ``.to()`` or a newly frozen stage can never leave a
+  stale capture;
 - a capture that fails logs one warning and leaves that signature on the eager path.
 """
+import weakref
 from collections import OrderedDict
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -27,6 +34,115 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def _no_autocast_cache(x: torch.Tensor):
+    """Autocast as it is now, without its cast cache: a cached cast made inside a capture
+    would be handed to later eager calls (the half-weight layers keep their own copies)."""
+    dtype = _autocast_dtype(x.device.type)
+    return torch.autocast(x.device.type, dtype=dtype or torch.float16,
+                          enabled=dtype is not None, cache_enabled=False)
+
+
+class _SignatureCache:
+    """What both caches share: signatures, the capture-on-second-sight policy, eviction,
+    the shared pool, failures and the state key."""
+
+    def __init__(self,
+                 max_graphs: int = 16,
+                 on_failure: Optional[Callable[[Exception], None]] = None,
+                 arg_name: str = 'graph_cache_size'):
+        if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
+            raise ValueError(f'{arg_name}={max_graphs!r} must be a positive int: the '
+                             f'number of input sizes whose CUDA graphs are kept.')
+        self.max_graphs = max_graphs
+        self.on_failure = on_failure
+        self.arg_name = arg_name
+        self.graphs: 'OrderedDict[Signature, object]' = OrderedDict()
+        self.seen: 'OrderedDict[Signature, None]' = OrderedDict()  # ran once, eagerly
+        self.failed: Dict[Signature, str] = {}
+        self.captures = 0  # how many graphs were recorded, for tests and reports
+        self._pool = None
+        self._state_key = None
+        self._warned = False
+
+    # A model that holds a cache is still deep-copyable and picklable: the copy starts empty.
+    def __deepcopy__(self, memo):
+        return type(self)(self.max_graphs, self.on_failure, self.arg_name)
+
+    def __getstate__(self):
+        return dict(max_graphs=self.max_graphs, on_failure=self.on_failure,
+                    arg_name=self.arg_name)
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def __len__(self):
+        return len(self.graphs)
+
+    def clear(self):
+        """Drop every graph (their memory returns to the pool) and what was seen."""
+        self._release()
+        self.graphs.clear()
+        self.seen.clear()
+        self.failed.clear()
+        self._pool = None
+
+    def __call__(self, forward: Callable[[torch.Tensor], tuple], x: torch.Tensor,
+                 state_key) -> tuple:
+        """``forward(x)``, replayed from a graph where one is (or can now be) recorded.
+
+        ``forward`` must not synchronise with the host (no ``.item()``, no data-dependent
+        shapes): a recording that does fails and leaves that signature eager.
+
+        ``state_key`` stands for everything the graphs read besides ``x`` (see each
+        cache); when it differs from the last call's, every graph is dropped first.
+        """
+        if state_key != self._state_key:
+            self.clear()
+            self._state_key = state_key
+        sig = (tuple(x.shape), x.dtype, x.device, _autocast_dtype(x.device.type))
+        graph = self.graphs.get(sig)
+        if graph is not None:
+            self.graphs.move_to_end(sig)
+            return graph(x)
+        if sig in self.failed or sig not in self.seen:
+            self._remember(sig)
+            return forward(x)
+        del self.seen[sig]
+        while len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        try:
+            graph = self._record(forward, x)
+        except Exception as e:  # noqa: BLE001  (any failure leaves the eager path in place)
+            self.failed[sig] = f'{type(e).__name__}: {e}'
+            torch.cuda.synchronize(x.device)
+            if not self._warned and self.on_failure is not None:
+                self._warned = True
+                self.on_failure(e)
+            return forward(x)
+        self.captures += 1
+        self.graphs[sig] = graph
+        return graph(x)
+
+    def _release(self):
+        """Before graphs are dropped: whatever of theirs is still in use gets its own memory."""
+
+    def _remember(self, sig: Signature):
+        self.seen[sig] = None
+        self.seen.move_to_end(sig)
+        while len(self.seen) > 4 * self.max_graphs:
+            self.seen.popitem(last=False)
+
+    def _graph(self, first: Optional[torch.cuda.CUDAGraph] = None):
+        """A graph and the context that records into it, in this cache's pool."""
+        graph = torch.cuda.CUDAGraph()
+        pool = self._pool if first is None else first.pool()
+        # thread_local: a data loader's pin-memory thread may touch CUDA meanwhile
+        return graph, torch.cuda.graph(graph, pool=pool, capture_error_mode='thread_local')
+
+    def _record(self, forward, x: torch.Tensor):
+        raise NotImplementedError
 
 
 class _Graph:
@@ -43,106 +159,158 @@ class _Graph:
         return tuple(out.clone() for out in self.static_out)
 
 
-class GraphCache:
-    """CUDA graphs of a forward ``x -> tuple of tensors``, one per input signature.
+class GraphCache(_SignatureCache):
+    """CUDA graphs of a forward ``x -> tuple of tensors`` without gradients, one per input
+    signature. ``state_key`` should hold the addresses and versions of the weights and
+    buffers: an update in place (a training step) then drops the graphs too.
 
     Args:
         max_graphs: signatures kept, least recently used first out.
         on_failure: called once with the exception when a recording first fails.
     """
 
-    def __init__(self,
-                 max_graphs: int = 16,
-                 on_failure: Optional[Callable[[Exception], None]] = None):
-        if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
-            raise ValueError(f'graph_cache_size={max_graphs!r} must be a positive int: the '
-                             f'number of input sizes whose CUDA graphs are kept.')
-        self.max_graphs = max_graphs
-        self.on_failure = on_failure
-        self.graphs: 'OrderedDict[Signature, _Graph]' = OrderedDict()
-        self.seen: 'OrderedDict[Signature, None]' = OrderedDict()  # ran once, eagerly
-        self.failed: Dict[Signature, str] = {}
-        self.captures = 0  # how many graphs were recorded, for tests and reports
-        self._pool = None
-        self._state_key = None
-        self._warned = False
-
-    # A model that holds a cache is still deep-copyable and picklable: the copy starts empty.
-    def __deepcopy__(self, memo):
-        return GraphCache(self.max_graphs, self.on_failure)
-
-    def __getstate__(self):
-        return dict(max_graphs=self.max_graphs, on_failure=self.on_failure)
-
-    def __setstate__(self, state):
-        self.__init__(**state)
-
-    def __len__(self):
-        return len(self.graphs)
-
-    def clear(self):
-        """Drop every graph (their memory returns to the pool) and what was seen."""
-        self.graphs.clear()
-        self.seen.clear()
-        self.failed.clear()
-        self._pool = None
-
-    def __call__(self, forward: Callable[[torch.Tensor], tuple], x: torch.Tensor,
-                 state_key) -> tuple:
-        """``forward(x)``, replayed from a graph where one is (or can now be) recorded.
-
-        ``forward`` must not synchronise with the host (no ``.item()``, no data-dependent
-        shapes): a recording that does fails and leaves that signature eager.
-
-        ``state_key`` stands for everything the graphs read besides ``x`` (addresses and
-        versions of weights and buffers); when it differs from the last call's, every graph
-        is dropped first.
-        """
-        if state_key != self._state_key:
-            self.clear()
-            self._state_key = state_key
-        sig = (tuple(x.shape), x.dtype, x.device, _autocast_dtype(x.device.type))
-        graph = self.graphs.get(sig)
-        if graph is not None:
-            self.graphs.move_to_end(sig)
-            return graph(x)
-        if sig in self.failed or sig not in self.seen:
-            self._remember(sig)
-            return forward(x)
-        graph = self._capture(forward, x, sig)
-        if graph is None:
-            return forward(x)
-        return graph(x)
-
-    def _remember(self, sig: Signature):
-        self.seen[sig] = None
-        self.seen.move_to_end(sig)
-        while len(self.seen) > 4 * self.max_graphs:
-            self.seen.popitem(last=False)
-
-    def _capture(self, forward, x: torch.Tensor, sig: Signature) -> Optional[_Graph]:
-        del self.seen[sig]
-        while len(self.graphs) >= self.max_graphs:
-            self.graphs.popitem(last=False)
+    def _record(self, forward, x: torch.Tensor) -> _Graph:
         static_in = x.clone()
-        graph = torch.cuda.CUDAGraph()
-        autocast = _autocast_dtype(x.device.type)
-        try:
-            # autocast's cast cache must not hand tensors made inside the capture to later
-            # eager calls; the half-weight layers keep their own copies outside it
-            with torch.autocast(x.device.type, dtype=autocast or torch.float16,
-                                enabled=autocast is not None, cache_enabled=False), \
-                    torch.cuda.graph(graph, pool=self._pool):
-                static_out = forward(static_in)
-        except Exception as e:  # noqa: BLE001  (any failure leaves the eager path in place)
-            self.failed[sig] = f'{type(e).__name__}: {e}'
-            torch.cuda.synchronize(x.device)
-            if not self._warned and self.on_failure is not None:
-                self._warned = True
-                self.on_failure(e)
-            return None
+        graph, recording = self._graph()
+        with _no_autocast_cache(x), recording:
+            static_out = forward(static_in)
         if self._pool is None:
             self._pool = graph.pool()
-        self.captures += 1
-        self.graphs[sig] = entry = _Graph(graph, static_in, tuple(static_out))
-        return entry
+        return _Graph(graph, static_in, tuple(static_out))
+
+
+class _TrainGraph:
+    """One captured training pass: the forward graph, the backward graph and their buffers.
+
+    The gradients of the parameters are the backward graph's own buffers, handed to autograd
+    as they are (no copy), so after the step each ``param.grad`` shares memory with them.
+    Those buffers may also serve the forward graph's intermediates (the pool reuses memory
+    freed during the recording), so the next forward replay of any graph of the cache first
+    moves every gradient still held that way into memory of its own: gradients kept across
+    steps (accumulation) are never overwritten.
+    """
+
+    def __init__(self, cache: 'TrainGraphCache', fwd: torch.cuda.CUDAGraph,
+                 bwd: torch.cuda.CUDAGraph, static_in: torch.Tensor,
+                 static_outs: Tuple[torch.Tensor, ...], static_grad_outs, params,
+                 static_grads):
+        self.cache = cache
+        self.fwd, self.bwd = fwd, bwd
+        self.static_in = static_in
+        self.static_outs = static_outs
+        self.static_grad_outs = static_grad_outs
+        self.params: Tuple[torch.nn.Parameter, ...] = tuple(params)
+        self.static_grads: Tuple[Optional[torch.Tensor], ...] = tuple(static_grads)
+        self._grad_ptrs = {g.data_ptr() for g in static_grads if g is not None}
+        self.replays = 0  # forward replays; a backward must belong to the latest one
+
+    def __call__(self, x: torch.Tensor):
+        return _ReplayTrainGraph.apply(self, x, *self.params)
+
+    def release_held_grads(self):
+        """Give every ``param.grad`` that still shares this graph's gradient buffers memory
+        of its own, before a replay overwrites those buffers."""
+        for p in self.params:
+            g = p.grad
+            if g is not None and g.data_ptr() in self._grad_ptrs:
+                p.grad = g.clone()
+
+
+class _ReplayTrainGraph(torch.autograd.Function):
+    """Forward: the forward graph; backward: the backward graph, returning the parameters'
+    gradients. The parameters are inputs so that autograd accumulates their gradients."""
+
+    @staticmethod
+    def forward(ctx, entry: _TrainGraph, x: torch.Tensor, *params):
+        handed_out = entry.cache.grads_handed_out
+        if handed_out is not None:
+            handed_out.release_held_grads()
+            entry.cache.grads_handed_out = None
+        entry.static_in.copy_(x)
+        entry.fwd.replay()
+        entry.replays += 1
+        ctx.entry, ctx.replay = entry, entry.replays
+        entry.cache.open_backward = weakref.ref(ctx)
+        outs = tuple(out.clone() for out in entry.static_outs)
+        # outputs of frozen stages have no gradient, as in the eager forward
+        ctx.mark_non_differentiable(*(o for o, g in zip(outs, entry.static_grad_outs)
+                                      if g is None))
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        entry: _TrainGraph = ctx.entry
+        if ctx.replay != entry.replays:
+            raise RuntimeError(
+                'ResTv2 fast_training: this backward belongs to a forward whose recorded '
+                'activations a later forward of the same input size has replaced (a graph '
+                'kept with retain_graph=True and run backward again after another forward). '
+                'Build the backbone with fast_training=False for such loops.')
+        for static, grad in zip(entry.static_grad_outs, grads):
+            if static is not None:
+                static.copy_(grad)
+        handed_out = entry.cache.grads_handed_out
+        if handed_out is not None:  # accumulating: the earlier gradients move out first
+            handed_out.release_held_grads()
+        entry.bwd.replay()
+        entry.cache.open_backward = None
+        entry.cache.grads_handed_out = entry
+        return (None, None) + tuple(None if g is None else g.detach()
+                                    for g in entry.static_grads)
+
+
+class TrainGraphCache(_SignatureCache):
+    """CUDA graphs of a training pass: ``forward(x)`` with gradients and its backward to the
+    parameters that require them, one pair per input signature.
+
+    ``state_key`` should hold the addresses of the weights and buffers, which of them
+    require gradients and anything the forward reads as a Python value (drop-path rates,
+    train/eval flags), but not their versions: the optimizer updates the weights in place
+    between steps and the graphs read them where they are.
+
+    A forward that comes while the backward of an earlier replay is still to run (two
+    forwards, then one backward of both) runs eagerly: the graph's buffers hold the first
+    one's activations.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.open_backward: Optional[weakref.ref] = None  # the latest replay, until its backward
+        self.grads_handed_out: Optional[_TrainGraph] = None  # whose buffers param.grad may be
+        self._params: Sequence[torch.nn.Parameter] = ()
+
+    def __call__(self, forward, x: torch.Tensor, state_key,
+                 params: Sequence[torch.nn.Parameter] = ()) -> tuple:
+        """As :meth:`GraphCache.__call__`; ``params`` are the parameters ``forward`` reads,
+        of which those that require gradients get them from the backward graph."""
+        if self.open_backward is not None and self.open_backward() is not None:
+            return forward(x)
+        self.open_backward = None
+        self._params = params
+        return super().__call__(forward, x, state_key)
+
+    def _release(self):
+        if self.grads_handed_out is not None:
+            self.grads_handed_out.release_held_grads()
+            self.grads_handed_out = None
+
+    def _record(self, forward, x: torch.Tensor) -> _TrainGraph:
+        params: List[torch.nn.Parameter] = [p for p in self._params if p.requires_grad]
+        static_in = x.detach().clone()
+        fwd, recording = self._graph()
+        with _no_autocast_cache(x), recording:
+            static_outs = tuple(forward(static_in))
+        # the backward runs outside autocast, as mmengine's optimizer wrappers run it
+        static_grad_outs = tuple(torch.empty_like(o) if o.requires_grad else None
+                                 for o in static_outs)
+        bwd, recording = self._graph(first=fwd)
+        with recording:
+            static_grads = torch.autograd.grad(
+                [o for o in static_outs if o.requires_grad],
+                params, [g for g in static_grad_outs if g is not None], allow_unused=True)
+        if self._pool is None:
+            self._pool = fwd.pool()
+        static_outs = tuple(o.detach() for o in static_outs)
+        return _TrainGraph(self, fwd, bwd, static_in, static_outs, static_grad_outs, params,
+                           static_grads)

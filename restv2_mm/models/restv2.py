@@ -11,7 +11,7 @@ backbone offers the window styles the paper measures for detection (Table 3): ``
 (``attention.py``), the window index tables (``windows.py``) and the layers that reuse half
 weights under autocast (``half_weights.py``).
 """
-import itertools
+import functools
 import logging
 import math
 from typing import List, Optional, Sequence, Tuple, Union
@@ -24,7 +24,7 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from .attention import ATTENTION_KERNELS, ATTN_IMPLS
-from .cuda_graphs import GraphCache
+from .cuda_graphs import GraphCache, TrainGraphCache
 from .gelu_recompute import linear_gelu_linear
 from .half_weights import Conv2d, LayerNorm, Linear, autocast_dtype, shared_half_copies
 from .windows import recording_graph, window_key_mask, window_layout
@@ -306,11 +306,12 @@ class CrossWindowConv(nn.Module):
 # --------------------------------------------------------------------------------------
 # The backbone
 # --------------------------------------------------------------------------------------
-def _warn_no_graph(error: Exception):
+def _warn_no_graph(switch: str, error: Exception):
+    """What a graph cache calls once when a recording fails (as a picklable partial)."""
     first_line = str(error).splitlines()[0] if str(error) else ''
-    print_log(f'ResTv2 fast_inference: recording a CUDA graph failed ({type(error).__name__}: '
-              f'{first_line}); inputs of this size run eagerly. fast_inference=False turns '
-              f'the recording off.', 'current', level=logging.WARNING)
+    print_log(f'ResTv2 {switch}: recording a CUDA graph failed ({type(error).__name__}: '
+              f'{first_line}); inputs of this size run eagerly. {switch}=False turns the '
+              f'recording off.', 'current', level=logging.WARNING)
 
 
 class ResTv2(BaseModule):
@@ -348,6 +349,18 @@ class ResTv2(BaseModule):
             Default: True.
         graph_cache_size (int): input signatures whose graphs are kept by
             ``fast_inference``, least recently used first out. Default: 16.
+        fast_training (bool): on a CUDA input, in train mode with gradients, replay the
+            forward and its backward as two CUDA graphs recorded for that input's signature
+            (as ``fast_inference``: eager the first time, recorded the second). For inputs
+            of one size, as segmentation's fixed crops; with many sizes (detection) most
+            calls would run eagerly. Each recorded size keeps its own gradient buffers
+            (4 bytes a parameter); all sizes share one pool for the activations. Gradients
+            reach the parameters as autograd's would (accumulation included); drop path
+            draws new samples at every replay. ``with_cp``, hooks on any submodule,
+            SyncBN, inputs that require gradients and a second forward before the first's
+            backward run eagerly. See :mod:`restv2_mm.models.cuda_graphs`. Default: False.
+        train_graph_cache_size (int): input signatures whose graphs are kept by
+            ``fast_training``, least recently used first out. Default: 4.
         init_cfg (dict, optional): e.g. ``dict(type='Pretrained', checkpoint=PATH)``; the
             authors' ImageNet files load as they are (see :meth:`init_weights`).
 
@@ -410,6 +423,8 @@ class ResTv2(BaseModule):
                  with_cp: bool = False,
                  fast_inference: bool = True,
                  graph_cache_size: int = 16,
+                 fast_training: bool = False,
+                 train_graph_cache_size: int = 4,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         arch = self._parse_arch(arch)
@@ -431,8 +446,14 @@ class ResTv2(BaseModule):
         self.norm_eval = norm_eval
         self.with_cp = with_cp
         self.fast_inference = fast_inference
-        self._graphs = GraphCache(graph_cache_size, on_failure=_warn_no_graph)
-        self._state_tensors: Optional[List[torch.Tensor]] = None  # see _graph_state
+        self.fast_training = fast_training
+        self._graphs = GraphCache(
+            graph_cache_size, on_failure=functools.partial(_warn_no_graph, 'fast_inference'))
+        self._train_graphs = TrainGraphCache(
+            train_graph_cache_size, arg_name='train_graph_cache_size',
+            on_failure=functools.partial(_warn_no_graph, 'fast_training'))
+        self._state_tensors: Optional[List[torch.Tensor]] = None  # see _tracked_tensors
+        self._num_params = 0
 
         dims = self.embed_dims
         self.stem = ConvStem(in_channels, dims[0])
@@ -535,6 +556,7 @@ class ResTv2(BaseModule):
             if isinstance(m, EMSAv2):
                 m.set_attn_impl(attn_impl)
         self._graphs.clear()
+        self._train_graphs.clear()
 
     def _freeze_stages(self):
         if self.frozen_stages < 0:
@@ -633,6 +655,33 @@ class ResTv2(BaseModule):
                 and not torch.onnx.is_in_onnx_export()
                 and not torch.cuda.is_current_stream_capturing())
 
+    def _trains_from_graph(self, x: torch.Tensor) -> bool:
+        """Whether this call goes through the CUDA graphs of ``fast_training``."""
+        return (self.fast_training and x.is_cuda and self.training
+                and torch.is_grad_enabled() and not x.requires_grad and not self.with_cp
+                and not recording_graph() and not torch.onnx.is_in_onnx_export()
+                and not torch.cuda.is_current_stream_capturing()
+                and not self._runs_only_eagerly())
+
+    def _runs_only_eagerly(self) -> bool:
+        """Hooks (a FLOP counter, a feature probe) must see their modules called, and
+        SyncBN communicates between processes: neither can be replayed."""
+        from torch.nn.modules import module as nn_module
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                   or m._backward_pre_hooks or isinstance(m, nn.SyncBatchNorm)
+                   for m in self.modules())
+
+    def _train_graph_state(self) -> tuple:
+        """What ``fast_training``'s graphs depend on besides the input: where the weights
+        and buffers are and which weights train (not their versions: the optimizer updates
+        them in place), the drop-path rates and each module's train/eval mode."""
+        tensors = self._tracked_tensors()
+        return (tuple((t.data_ptr(), t.requires_grad) for t in tensors),
+                tuple(m.drop_prob if isinstance(m, DropPath) else m.training
+                      for m in self.modules()))
+
     def _half_dtype_for_training(self, x: torch.Tensor) -> Optional[torch.dtype]:
         """The half dtype in which one cast serves all weights of this forward (see
         :func:`~restv2_mm.models.half_weights.shared_half_copies`): autocast's, on CUDA with
@@ -650,9 +699,16 @@ class ResTv2(BaseModule):
         The list of tensors is gathered again after ``train()``/``eval()`` and ``.to()``;
         a model whose submodules are replaced in eval mode needs an ``eval()`` call after.
         """
+        return tuple((t.data_ptr(), t._version) for t in self._tracked_tensors())
+
+    def _tracked_tensors(self, params_only: bool = False) -> List[torch.Tensor]:
+        """Parameters, then buffers (or the parameters alone); gathered again after
+        ``train()``, ``eval()`` and ``.to()``."""
         if self._state_tensors is None:
-            self._state_tensors = list(itertools.chain(self.parameters(), self.buffers()))
-        return tuple((t.data_ptr(), t._version) for t in self._state_tensors)
+            params = list(self.parameters())
+            self._state_tensors = params + list(self.buffers())
+            self._num_params = len(params)
+        return self._state_tensors[:self._num_params] if params_only else self._state_tensors
 
     def _apply(self, fn, *args, **kwargs):
         self._state_tensors = None
@@ -662,6 +718,17 @@ class ResTv2(BaseModule):
         self._check_input(x)
         if self._replays(x):
             return self._graphs(self._forward, x, self._graph_state())
+        if self._trains_from_graph(x):
+            first = self._train_graphs.captures == 0
+            outs = self._train_graphs(self._eager_forward, x, self._train_graph_state(),
+                                      self._tracked_tensors(params_only=True))
+            if first and self._train_graphs.captures:
+                print_log(f'ResTv2 fast_training: training passes at input size '
+                          f'{tuple(x.shape)} now replay as CUDA graphs.', 'current')
+            return outs
+        return self._eager_forward(x)
+
+    def _eager_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         half = self._half_dtype_for_training(x)
         if half is not None:
             with shared_half_copies(self, half):
