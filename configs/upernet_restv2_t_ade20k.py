@@ -26,6 +26,9 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.1,
         attn_style='global',
+        # True replays the backbone's training passes as CUDA graphs (every crop has the same
+        # size): on one H200, 0.82x the iteration time for 1.07x the memory (README, Speed)
+        fast_training=False,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/restv2_tiny_224.pth')),
     decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
     auxiliary_head=dict(in_channels=384, in_index=2, num_classes=150))

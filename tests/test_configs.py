@@ -236,3 +236,20 @@ def test_gpu_toy_config_and_its_data_command_agree():
     assert cfg.model.backbone.init_cfg is None
     iters = cfg.train_cfg.max_epochs * int(opt['--num-train']) // 16
     assert 700 <= iters <= 800  # 750: 4 min 50 s of training on one H100 (README)
+
+
+def test_fast_training_is_off_in_the_configs_and_set_from_the_command_line():
+    """The UperNet configs name the switch (off); ``--cfg-options`` turns it on."""
+    import importlib
+
+    from mmengine.registry import DefaultScope
+    for size in 'tsb':
+        assert load(f'configs/upernet_restv2_{size}_ade20k.py').model.backbone.fast_training \
+            is False
+    cfg = load('configs/toy/upernet_restv2_t_toy.py')
+    cfg.merge_from_dict({'model.backbone.fast_training': True,
+                         'model.backbone.train_graph_cache_size': 2})
+    registry = importlib.import_module('mmseg.registry')
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        backbone = registry.MODELS.build(cfg.model).backbone
+    assert backbone.fast_training is True and backbone._train_graphs.max_graphs == 2
