@@ -1,5 +1,6 @@
 """What each section of the benchmark measures, at full size (``FULL``) or as a CPU smoke
 test (``QUICK``)."""
+import copy
 import sys
 import time
 from typing import Callable
@@ -337,12 +338,28 @@ def section_segmentor(bench: Bench, s: dict, args):
                           label=label, config=source, input=[1, 3, H, W], mode='predict',
                           cudnn_benchmark=autotune)
             B = s['seg_train_batch']
-            bench.measure(f'segmentor/{name}/train_own_optim',
-                          train_steps(bench, model_cfg, 'mmseg', 'own', path, SWIN_SEG_CONFIG,
-                                      seg_data(bench, (H, W), B, with_gt=True), 6e-5, 0.01),
-                          s['seg_train_reps'], items=B, label=label, config=source,
-                          input=[B, 3, H, W], mode='train', count_kernels=True,
-                          optimizer=OPTIMIZER_NOTES['own'], cudnn_benchmark=autotune)
+            variants = [(name, label, model_cfg)]
+            if name == 'restv2_t':  # the config as it is, and with fast_training switched
+                variants.append(switched_fast_training(name, label, model_cfg))
+            for key, variant_label, cfg in variants:
+                bench.measure(f'segmentor/{key}/train_own_optim',
+                              train_steps(bench, cfg, 'mmseg', 'own', path, SWIN_SEG_CONFIG,
+                                          seg_data(bench, (H, W), B, with_gt=True), 6e-5,
+                                          0.01),
+                              s['seg_train_reps'], items=B, label=variant_label,
+                              config=source, input=[B, 3, H, W], mode='train',
+                              count_kernels=True, optimizer=OPTIMIZER_NOTES['own'],
+                              cudnn_benchmark=autotune)
+
+
+def switched_fast_training(name: str, label: str, model_cfg):
+    """The model config with the backbone's ``fast_training`` the other way round, its key
+    (``_fast_training`` or ``_eager``) and label."""
+    cfg = copy.deepcopy(model_cfg)
+    on = not cfg.backbone.get('fast_training', False)
+    cfg.backbone.fast_training = on
+    return (f'{name}_fast_training' if on else f'{name}_eager',
+            f'{label}, fast_training={on}', cfg)
 
 
 SECTION_RUNNERS = dict(backbone224=section_backbone224, dense=section_dense,

@@ -69,6 +69,12 @@ def ratio_definitions(s: dict) -> List[dict]:
                     f'{section}/restv2_t/{train}', f'{section}/swin_t/{train}')
     add('segmentor/predict/speed', 'UperNet predict: ResTv2-T vs Swin-T, FPS', 'speed',
         'segmentor/restv2_t/predict', 'segmentor/swin_t/predict')
+    # the config's own setting of fast_training is one of the two; the other is switched
+    for fast, eager in (('restv2_t', 'restv2_t_eager'), ('restv2_t_fast_training', 'restv2_t')):
+        for kind in ('time', 'memory'):
+            add(f'segmentor/{fast}_vs_{eager}/train_own_optim/{kind}',
+                f'UperNet train iteration: fast_training vs without, {kind}', kind,
+                f'segmentor/{fast}/train_own_optim', f'segmentor/{eager}/train_own_optim')
     return r
 
 

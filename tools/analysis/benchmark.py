@@ -23,12 +23,14 @@ Sections (``--sections``, comma separated; default all):
   (batch 1, fp16) and one AMP training iteration at batch 2 with peak memory, with the same
   AdamW for both and with each config's own optimizer set-up.
 - ``segmentor``: UperNet ResTv2-T against mmseg's UperNet Swin-T: predict at 512 x 512, and
-  one AMP training iteration at batch 4 with each config's own optimizer set-up.
+  one AMP training iteration at batch 4 with each config's own optimizer set-up; ResTv2-T's
+  also with the backbone's ``fast_training`` the other way round from its config.
 
 Every model has random weights (no pretrained files are read or downloaded). Times are
 medians over timed repeats after warm-up, taken with CUDA events (``time.perf_counter`` on
 the CPU); peak memory is ``torch.cuda.max_memory_allocated`` over the timed repeats, weights
-and optimizer state included. Each measurement is isolated (caches emptied, peak statistics
+and optimizer state included, plus what CUDA graphs' private pools hold beyond it (the
+buffers a replay reuses, which the counter sees as free). Each measurement is isolated (caches emptied, peak statistics
 reset) and one that fails, say out of memory, is reported as such while the rest go on.
 With ``--rounds R`` everything is measured R times in turn and each measurement keeps its
 round with the lowest median: on a shared host whose CPU launches the kernels, contention
