@@ -1,0 +1,95 @@
+"""The graph caches' policy on the CPU: when a signature runs eagerly, is recorded, replayed,
+evicted or dropped, and when a training replay must give way to the eager path. The recording
+itself is replaced by a stand-in here; tests/test_gpu.py runs the real one."""
+import pickle
+import weakref
+
+import pytest
+import torch
+
+from restv2_mm.models.cuda_graphs import GraphCache, TrainGraphCache
+
+
+class Recorded:
+    """Stands in for a recorded graph: counts its replays and returns a marker."""
+
+    def __init__(self, x):
+        self.shape = tuple(x.shape)
+        self.replays = 0
+
+    def __call__(self, x):
+        self.replays += 1
+        return ('replayed', tuple(x.shape))
+
+
+def stand_in(cache_type, **kwargs):
+    class Cache(cache_type):
+        def _record(self, forward, x):
+            if tuple(x.shape) == (1, 3, 13, 13):
+                raise RuntimeError('operation not permitted when stream is capturing')
+            return Recorded(x)
+
+    return Cache(**kwargs)
+
+
+def eager(x):
+    return ('eager', tuple(x.shape))
+
+
+@pytest.mark.parametrize('cache_type', [GraphCache, TrainGraphCache])
+def test_a_signature_runs_eagerly_once_then_is_recorded_and_replayed(cache_type):
+    cache = stand_in(cache_type, max_graphs=2)
+    x = torch.zeros(1, 3, 8, 8)
+    assert cache(eager, x, 'state')[0] == 'eager'
+    assert cache(eager, x, 'state')[0] == 'replayed' and cache.captures == 1
+    assert cache(eager, x, 'state')[0] == 'replayed' and cache.captures == 1
+    # other sizes push the least recently used one out; seen again, it is recorded anew
+    for size in (9, 10):
+        for _ in range(2):
+            cache(eager, torch.zeros(1, 3, size, size), 'state')
+    assert len(cache) == 2 and cache.captures == 3
+    assert cache(eager, x, 'state')[0] == 'eager'
+    assert cache(eager, x, 'state')[0] == 'replayed' and cache.captures == 4
+    # another state (new weights, a frozen stage) drops every graph
+    assert cache(eager, x, 'other state')[0] == 'eager' and len(cache) == 0
+
+
+@pytest.mark.parametrize('cache_type', [GraphCache, TrainGraphCache])
+def test_a_failed_recording_warns_once_and_stays_eager(cache_type, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda *args: None)
+    warnings = []
+    cache = stand_in(cache_type, on_failure=warnings.append)
+    x = torch.zeros(1, 3, 13, 13)
+    for _ in range(4):
+        assert cache(eager, x, 'state')[0] == 'eager'
+    assert len(warnings) == 1 and 'capturing' in str(warnings[0])
+    assert cache.captures == 0 and 'capturing' in cache.failed[((1, 3, 13, 13), torch.float32,
+                                                                 x.device, None)]
+
+
+def test_a_training_forward_waits_for_the_open_backward():
+    cache = stand_in(TrainGraphCache)
+    x = torch.zeros(1, 3, 8, 8)
+    cache(eager, x, 'state')
+    assert cache(eager, x, 'state')[0] == 'replayed'
+
+    class Node:  # stands in for the autograd node of the replay, whose backward is to come
+        pass
+
+    node = Node()
+    cache.open_backward = weakref.ref(node)
+    assert cache(eager, x, 'state')[0] == 'eager'  # the graph's buffers hold the first one
+    del node  # its graph was dropped without a backward: nothing is open any more
+    assert cache(eager, x, 'state')[0] == 'replayed'
+
+
+def test_bad_sizes_name_their_argument_and_copies_start_empty():
+    with pytest.raises(ValueError, match='train_graph_cache_size=0 must be a positive int'):
+        TrainGraphCache(0, arg_name='train_graph_cache_size')
+    cache = stand_in(TrainGraphCache, max_graphs=3)
+    x = torch.zeros(1, 3, 8, 8)
+    cache(eager, x, 'state')
+    cache(eager, x, 'state')
+    again = pickle.loads(pickle.dumps(TrainGraphCache(3, arg_name='train_graph_cache_size')))
+    assert len(again) == 0 and again.max_graphs == 3
+    assert again.arg_name == 'train_graph_cache_size' and again.open_backward is None
