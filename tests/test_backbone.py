@@ -378,6 +378,23 @@ def test_fast_training_on_the_cpu_is_the_eager_path_exactly():
     assert fast._train_graphs.captures == 0 and len(fast._train_graphs) == 0
 
 
+def test_fast_training_leaves_hooked_and_sync_bn_models_eager():
+    model = ResTv2('tiny', fast_training=True)
+    assert not model._runs_only_eagerly()
+    handle = model.stage3[2].mlp.fc1.register_forward_pre_hook(lambda *args: None)
+    assert model._runs_only_eagerly()
+    handle.remove()
+    assert not model._runs_only_eagerly()
+    assert torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)._runs_only_eagerly()
+
+    class SyncBatchNorm(torch.nn.BatchNorm2d):  # as mmcv.ops.SyncBatchNorm is named
+        pass
+
+    model = ResTv2('tiny', fast_training=True)
+    model.stem.proj[1] = SyncBatchNorm(model.stem.proj[1].num_features)
+    assert model._runs_only_eagerly()
+
+
 # ---------------------------------------------------------------------------- training
 class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the aten ops run inside it, by name (forward and backward alike)."""

@@ -665,12 +665,13 @@ class ResTv2(BaseModule):
 
     def _runs_only_eagerly(self) -> bool:
         """Hooks (a FLOP counter, a feature probe) must see their modules called, and
-        SyncBN communicates between processes: neither can be replayed."""
+        SyncBN (torch's or mmcv's, after mmengine's ``sync_bn``) communicates between
+        processes: neither can be replayed."""
         from torch.nn.modules import module as nn_module
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return True
         return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                   or m._backward_pre_hooks or isinstance(m, nn.SyncBatchNorm)
+                   or m._backward_pre_hooks or type(m).__name__ == 'SyncBatchNorm'
                    for m in self.modules())
 
     def _train_graph_state(self) -> tuple:
