@@ -378,6 +378,16 @@ def test_fast_training_on_the_cpu_is_the_eager_path_exactly():
     assert fast._train_graphs.captures == 0 and len(fast._train_graphs) == 0
 
 
+def test_switching_mode_drops_the_other_modes_graphs():
+    model = ResTv2('tiny', fast_training=True)
+    for mode in (True, False):
+        model._graphs.graphs['size'] = model._train_graphs.graphs['size'] = object()
+        model.train(mode)
+        kept, dropped = ((model._train_graphs, model._graphs) if mode else
+                         (model._graphs, model._train_graphs))
+        assert len(kept) == 1 and len(dropped) == 0
+
+
 def test_fast_training_leaves_hooked_and_sync_bn_models_eager():
     model = ResTv2('tiny', fast_training=True)
     assert not model._runs_only_eagerly()

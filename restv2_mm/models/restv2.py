@@ -578,6 +578,10 @@ class ResTv2(BaseModule):
     def train(self, mode: bool = True):
         super().train(mode)
         self._state_tensors = None
+        # the other mode's graphs are idle from now on (inference ones go stale at the first
+        # optimizer step): their memory goes back, so validation amid training never holds
+        # both pools
+        (self._graphs if mode else self._train_graphs).clear()
         self._freeze_stages()
         if mode and self.norm_eval:
             for m in self.modules():
