@@ -684,7 +684,7 @@ class ResTv2(BaseModule):
         them in place), the drop-path rates and each module's train/eval mode."""
         tensors = self._tracked_tensors()
         return (tuple((t.data_ptr(), t.requires_grad) for t in tensors),
-                tuple(m.drop_prob if isinstance(m, DropPath) else m.training
+                tuple((m.training, m.drop_prob) if isinstance(m, DropPath) else m.training
                       for m in self.modules()))
 
     def _half_dtype_for_training(self, x: torch.Tensor) -> Optional[torch.dtype]:

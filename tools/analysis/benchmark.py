@@ -30,8 +30,9 @@ Every model has random weights (no pretrained files are read or downloaded). Tim
 medians over timed repeats after warm-up, taken with CUDA events (``time.perf_counter`` on
 the CPU); peak memory is ``torch.cuda.max_memory_allocated`` over the timed repeats, weights
 and optimizer state included, plus what CUDA graphs' private pools hold beyond it (the
-buffers a replay reuses, which the counter sees as free). Each measurement is isolated (caches emptied, peak statistics
-reset) and one that fails, say out of memory, is reported as such while the rest go on.
+buffers a replay reuses, which the counter sees as free). Each measurement is isolated
+(caches emptied, peak statistics reset) and one that fails, say out of memory, is reported as
+such while the rest go on.
 With ``--rounds R`` everything is measured R times in turn and each measurement keeps its
 round with the lowest median: on a shared host whose CPU launches the kernels, contention
 comes in phases that only ever add time, and R rounds give each model R chances to miss
