@@ -22,13 +22,12 @@ from mmengine.config import Config
 
 from rank_probe import parameter_digest
 from restv2_mm.checkpoint import read_checkpoint
-from restv2_mm.toy_data import make_toy_data
 from restv2_mm.utils import dist as dist_utils
 from restv2_mm.utils import launch
 from restv2_mm.utils.tool import ToolError
 from test_downstream import (DET_TOY, ROOT, SEG_TOY, TIMEOUT,
                              _checkpoint_is_weights_only_loadable, assert_ok,
-                             last_checkpoint_iter, resume_options, run_tool,
+                             last_checkpoint_iter, resume_options, run_tool, toy_workdir,
                              wait_for_first_checkpoint)
 
 HERE = osp.dirname(osp.abspath(__file__))
@@ -97,10 +96,7 @@ def the_log(work):
 
 @pytest.fixture(scope='module')
 def dist_cwd(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp('dist_run')
-    make_toy_data(str(cwd / 'data' / 'toy'), kind='both', num_train=4, num_val=3, size=64,
-                  seed=1)
-    return cwd
+    return toy_workdir(tmp_path_factory, 'dist_run', num_val=3)  # odd: ranks get unequal shares
 
 
 @pytest.fixture(scope='module')

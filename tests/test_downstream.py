@@ -53,13 +53,17 @@ def digest(folder):
     return out
 
 
+def toy_workdir(tmp_path_factory, name: str, num_val: int):
+    """A working directory with a tiny toy dataset at data/toy, as the toy configs expect."""
+    cwd = tmp_path_factory.mktemp(name)
+    make_toy_data(str(cwd / 'data' / 'toy'), kind='both', num_train=4, num_val=num_val,
+                  size=64, seed=1)
+    return cwd
+
+
 @pytest.fixture(scope='module')
 def toy_cwd(tmp_path_factory):
-    """A working directory with a tiny toy dataset at data/toy, as the toy configs expect."""
-    cwd = tmp_path_factory.mktemp('toy_run')
-    make_toy_data(str(cwd / 'data' / 'toy'), kind='both', num_train=4, num_val=2, size=64,
-                  seed=1)
-    return cwd
+    return toy_workdir(tmp_path_factory, 'toy_run', num_val=2)
 
 
 # ------------------------------------------------------------------------------ toy data

@@ -129,6 +129,17 @@ class PatchEmbed(nn.Module):
         return self.norm(as_tokens(x)), (H, W)
 
 
+def _hooked(modules, backward: bool = False) -> bool:
+    """Whether a forward hook, global or on one of ``modules`` (a FLOP counter, a feature
+    probe), waits for them to be called; with ``backward``, a backward hook too."""
+    from torch.nn.modules import module as nn_module
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks
+               or (backward and (m._backward_hooks or m._backward_pre_hooks))
+               for m in modules)
+
+
 class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
@@ -148,18 +159,11 @@ class Mlp(nn.Module):
         """Whether this call keeps one hidden tensor for the backward instead of two (see
         :mod:`restv2_mm.models.gelu_recompute`): when there is a backward to come, and no
         hook (a FLOP counter, a feature probe) waits on fc1, act or fc2 being called."""
-        return (torch.is_grad_enabled() and not self._hooked()
+        return (torch.is_grad_enabled() and not _hooked((self.fc1, self.act, self.fc2))
                 and (x.requires_grad or self.fc1.weight.requires_grad
                      or self.fc2.weight.requires_grad)
                 and type(self.act) is nn.GELU and self.act.approximate == 'none'
                 and not recording_graph())
-
-    def _hooked(self) -> bool:
-        from torch.nn.modules import module as nn_module
-        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks
-                   for m in (self.fc1, self.act, self.fc2))
 
 
 class EMSAv2(nn.Module):
@@ -671,12 +675,9 @@ class ResTv2(BaseModule):
         """Hooks (a FLOP counter, a feature probe) must see their modules called, and
         SyncBN (torch's or mmcv's, after mmengine's ``sync_bn``) communicates between
         processes: neither can be replayed."""
-        from torch.nn.modules import module as nn_module
-        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                   or m._backward_pre_hooks or type(m).__name__ == 'SyncBatchNorm'
-                   for m in self.modules())
+        modules = list(self.modules())
+        return (_hooked(modules, backward=True)
+                or any(type(m).__name__ == 'SyncBatchNorm' for m in modules))
 
     def _train_graph_state(self) -> tuple:
         """What ``fast_training``'s graphs depend on besides the input: where the weights
