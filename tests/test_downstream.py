@@ -352,3 +352,18 @@ def test_errors_exit_nonzero_without_a_traceback(tmp_path):
     assert proc.returncode != 0
     assert 'Traceback' not in proc.stderr and 'error:' in proc.stderr
     assert 'ADEChallengeData2016' in proc.stderr
+
+
+@pytest.mark.parametrize('option,text', [
+    ('model.backbone.arch=tinyy', "Unknown ResTv2 arch 'tinyy'"),
+    ('model.backbone.drop_path=0.1', "unexpected keyword argument 'drop_path'"),
+])
+def test_a_bad_backbone_argument_fails_before_the_model_is_built(tmp_path, monkeypatch, capsys,
+                                                                 option, text):
+    train_tool, test_tool = _tools()
+    monkeypatch.chdir(tmp_path)  # no data here either: the backbone is checked first
+    code, out = _call(train_tool.main, [SEG_TOY, '--cfg-options', option], capsys)
+    assert code != 0 and text in out and 'model.backbone' in out and 'MISSING' not in out
+    torch.save({'state_dict': {}}, tmp_path / 'model.pth')
+    code, out = _call(test_tool.main, [DET_TOY, 'model.pth', '--cfg-options', option], capsys)
+    assert code != 0 and text in out

@@ -17,7 +17,8 @@ import time
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from restv2_mm.utils.dist import log_distributed, setup_distributed  # noqa: E402
-from restv2_mm.utils.preflight import check_checkpoint, check_data  # noqa: E402
+from restv2_mm.utils.preflight import (check_backbone, check_checkpoint,  # noqa: E402
+                                       check_data)
 from restv2_mm.utils.tool import ToolError, load_config, toolbox_of  # noqa: E402
 
 METRICS_FILE = 'test_metrics.json'
@@ -83,6 +84,7 @@ def build_test_config(args):
     cfg = load_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
     toolbox = cfg.default_scope = toolbox_of(cfg, args.config)
+    check_backbone(cfg)  # before --tta wraps the model
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:

@@ -17,8 +17,8 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from restv2_mm.utils.dist import log_distributed, setup_distributed  # noqa: E402
-from restv2_mm.utils.preflight import (check_amp, check_checkpoint,  # noqa: E402
-                                       check_data, check_pretrained)
+from restv2_mm.utils.preflight import (check_amp, check_backbone,  # noqa: E402
+                                       check_checkpoint, check_data, check_pretrained)
 from restv2_mm.utils.tool import ToolError, load_config, toolbox_of  # noqa: E402
 
 
@@ -86,6 +86,7 @@ def build_train_config(args):
         cfg.resume = True
         cfg.load_from = args.resume
 
+    check_backbone(cfg)
     check_data(cfg, 'train', args.config)
     check_pretrained(cfg)
     check_amp(cfg)

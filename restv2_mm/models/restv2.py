@@ -464,7 +464,7 @@ class ResTv2(BaseModule):
         for i in range(1, self.num_stages):
             self.add_module(f'patch_{i + 1}', PatchEmbed(dims[i - 1], dims[i]))
 
-        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths), device='cpu').tolist()
         for i in range(self.num_stages):
             first = sum(self.depths[:i])
             blocks = nn.ModuleList(

@@ -1,6 +1,6 @@
 """Checks run on a config before a Runner is built, so that a missing dataset or weight
-file stops a run at once with a message that says what to do, instead of a traceback from
-deep inside a dataset or an init hook.
+file, or a bad backbone argument, stops a run at once with a message that says what to do,
+instead of a traceback from deep inside a dataset, a model build or an init hook.
 """
 import os
 import os.path as osp
@@ -153,6 +153,25 @@ def check_pretrained(cfg) -> None:
             f'The pretrained weights {path!r} named by {key} do not exist (working '
             f'directory {os.getcwd()}).\n{OFFICIAL_CHECKPOINTS_HINT}\n'
             f'To train from scratch, pass --cfg-options {key}=None.')
+
+
+def check_backbone(cfg) -> None:
+    """Raise :class:`ToolError` if a ResTv2 backbone of the config cannot be built (an unknown
+    arch, a stage out of range, a misspelt argument). It is built on the meta device: no
+    memory and no weights, in milliseconds."""
+    backbone = (cfg.get('model') or {}).get('backbone')
+    btype = str(backbone.get('type', '')) if isinstance(backbone, dict) else ''
+    if btype.split('.')[-1] != 'ResTv2':
+        return
+    import torch
+
+    from ..models.restv2 import ResTv2
+    try:
+        with torch.device('meta'):
+            ResTv2(**{k: v for k, v in backbone.items() if k != 'type'})
+    except (ValueError, TypeError) as e:
+        raise ToolError(f'model.backbone: {e} Fix it in the config or with --cfg-options '
+                        f'model.backbone.<argument>=...') from None
 
 
 def check_checkpoint(path: str, what: str = 'checkpoint') -> None:
