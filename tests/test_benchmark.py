@@ -53,7 +53,8 @@ def expected_keys():
         'dense': dense,
         'styles': {f'styles/{s}/{hw}' for s in styles for hw in ('64x96', '96x128', '128x160')},
         'detector': {f'detector/{n}/{m}' for n in ('restv2_t', 'swin_t')
-                     for m in ('predict', 'train', 'train_own_optim')},
+                     for m in ('predict', 'train', 'train_own_optim')}
+        | {'detector/heads_only/predict'},  # the ResTv2-T model with fixed features
         'segmentor': {f'segmentor/{n}/{m}' for n in ('restv2_t', 'swin_t')
                       for m in ('predict', 'train_own_optim')}
         | {'segmentor/restv2_t_fast_training/train_own_optim'},  # the config's switched
@@ -83,6 +84,10 @@ def test_quick_run_measures_every_section_and_writes_json_and_plot(tmp_path):
     for name in ('restv2_t', 'swin_t'):
         dets = report['sections']['detector'][f'detector/{name}/predict']
         assert 0 < dets['detections_per_image'] <= 10
+    # The whole models that are compared ran side by side.
+    entry = report['sections']['detector']['detector/restv2_t/train']
+    assert entry['timing'] == 'interleaved with detector/swin_t/train'
+    assert report['ratios']['detector/predict/ceiling']['value'] > 0
     # ResTv2's own configs were used, not the stand-in built from Swin's.
     assert report['sections']['detector']['detector/restv2_t/train']['config'] == \
         'configs/maskrcnn_restv2_t_coco.py'
@@ -144,6 +149,40 @@ def test_a_failing_measurement_is_reported_and_the_next_one_runs():
     assert ok['per_s'] == pytest.approx(4e3 / ok['median_ms'])
     assert set(bench.results) == {'dense/a/infer', 'dense/b/infer', 'dense/c/infer',
                                   'dense/d/infer'}
+
+
+def test_models_compared_side_by_side_take_their_timed_steps_in_turn():
+    bench = timing.Bench(torch.device('cpu'), amp=False)
+    calls = []
+
+    def model(name, fail_at=None):
+        def setup():
+            def step():
+                calls.append(name)
+                if calls.count(name) == fail_at:
+                    raise RuntimeError(f'{name} broke')
+            return step
+        return setup
+
+    def no_config():
+        raise KeyError('backbone')
+
+    entries = bench.measure_side_by_side([
+        dict(key='detector/a/train', setup=model('a'), items=2, label='A'),
+        dict(key='detector/b/train', setup=no_config),
+        dict(key='detector/c/train', setup=model('c', fail_at=4)),
+        dict(key='detector/d/train', setup=model('d'), unit='FPS'),
+    ], (2, 4))
+
+    # warm-ups model by model, then one timed step of each in turn; c drops out when it fails
+    assert calls == ['a', 'a', 'c', 'c', 'd', 'd'] + ['a', 'c', 'd'] * 2 + ['a', 'd'] * 2
+    a, b, c, d = (entries[f'detector/{k}/train'] for k in 'abcd')
+    assert b['status'] == 'error' and b['error'].startswith('KeyError')
+    assert c['status'] == 'error' and 'c broke' in c['error']
+    assert a['status'] == d['status'] == 'ok' and a['reps'] == d['reps'] == 4
+    assert a['timing'] == 'interleaved with detector/d/train' and a['label'] == 'A'
+    assert a['per_s'] == pytest.approx(2e3 / a['median_ms']) and d['unit'] == 'FPS'
+    assert set(bench.results) == set(entries)
 
 
 def entry(key, ms, items=1, peak=None, status='ok'):

@@ -155,24 +155,32 @@ def dense_models():
 
 
 def section_dense(bench: Bench, s: dict, args):
+    """The backbones' inference side by side, their training steps side by side (both are
+    bound by the host's launches when run eagerly), then each one's CUDA-graph floor on
+    its own (GPU work alone: nothing to share with the others)."""
     H, W = s['dense_size']
     shape = (s['dense_batch'], 3, H, W)
-    for name, label, build, modes in dense_models():
-        for mode in modes:
+    for mode in ('infer', 'train', 'floor'):
+        specs = []
+        for name, label, build, modes in dense_models():
+            if mode not in modes:
+                continue
             key = f'dense/{name}/{mode}'
             info = dict(items=shape[0], label=label, input=list(shape), mode=mode)
             if name == 'convnext_t' and not timm_available():
                 bench.skip(key, 'timm is not importable; pip install timm', **info)
-                continue
-            if mode == 'floor':
-                if not bench.cuda:
-                    bench.skip(key, 'CUDA graphs need a GPU', **info)
-                    continue
-                setup = graph_floor_steps(bench, build, shape)
+            elif mode == 'floor' and not bench.cuda:
+                bench.skip(key, 'CUDA graphs need a GPU', **info)
+            elif mode == 'floor':
+                bench.measure(key, graph_floor_steps(bench, build, shape),
+                              s['dense_infer_reps'], **info)
             else:
-                setup = backbone_steps(bench, build, shape, mode == 'train')
+                specs.append(dict(key=key, setup=backbone_steps(bench, build, shape,
+                                                                mode == 'train'),
+                                  count_kernels=mode == 'train', **info))
+        if specs:
             reps = s['dense_train_reps'] if mode == 'train' else s['dense_infer_reps']
-            bench.measure(key, setup, reps, count_kernels=mode == 'train', **info)
+            bench.measure_side_by_side(specs, reps)
     new_size_costs(bench, s)
 
 
@@ -240,51 +248,113 @@ def config_failed(bench: Bench, prefix: str, modes, label: str, path: str, error
     print(f'  ! {path}: {error}', file=sys.stderr)
 
 
+def read_toolbox_configs(bench: Bench, section: str, models, peer_path: str, kind: str,
+                         modes, quick: bool):
+    """(name, label, path, model config, source, cudnn autotune) of each model whose
+    config reads; the others are recorded as failed."""
+    configs = []
+    for name, label, path in models:
+        try:
+            configs.append((name, label, path,
+                            *toolbox_model_config(path, peer_path, kind, quick)))
+        except Exception as e:  # noqa: BLE001
+            config_failed(bench, f'{section}/{name}', modes, label, path, e)
+    return configs
+
+
+def with_cudnn(bench: Bench, autotune: bool, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with cuDNN autotuning as its model's config asks (env_cfg), also when its
+    steps are interleaved with another model's."""
+
+    def run():
+        with bench.cudnn_benchmark(autotune):
+            return fn()
+
+    return run
+
+
+class FixedFeatures(torch.nn.Module):
+    """Stands in for a backbone: returns the features it was given, whatever the input."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = tuple(features)
+
+    def forward(self, x):
+        return self.features
+
+
+def detector_predict_setup(bench: Bench, model_cfg, size, autotune: bool, raw_head: bool,
+                           dets: list, backbone_once: bool = False):
+    """setup() for Mask R-CNN's ``test_step`` on one image; with ``backbone_once``, the
+    backbone runs once in the set-up and its features stand in for it afterwards, so the
+    steps time the neck, heads and post-processing alone."""
+
+    def setup():
+        model = build_toolbox_model(bench, model_cfg, 'mmdet').eval()
+        if not raw_head:
+            fill_detections(model)
+        data = det_data(bench, size, 1, with_gt=False)
+        if backbone_once:
+            with torch.no_grad(), bench.autocast(), bench.cudnn_benchmark(autotune):
+                inputs = model.data_preprocessor(data, False)['inputs']
+                model.backbone = FixedFeatures(model.backbone(inputs))
+
+        def step():
+            with torch.no_grad(), bench.autocast():
+                out = model.test_step(data)
+            dets.append(len(out[0].pred_instances))
+
+        return with_cudnn(bench, autotune, step)
+
+    return setup
+
+
 def section_detector(bench: Bench, s: dict, args):
     from mmengine.registry import DefaultScope
     models = [('restv2_t', 'Mask R-CNN ResTv2-T', args.restv2_det_config),
               ('swin_t', 'Mask R-CNN Swin-T (mmdet)', SWIN_DET_CONFIG)]
     H, W = s['det_size']
-    for name, label, path in models:
-        try:
-            model_cfg, source, autotune = toolbox_model_config(
-                path, SWIN_DET_CONFIG, 'det', s.get('quick', False))
-        except Exception as e:  # noqa: BLE001
-            config_failed(bench, f'detector/{name}', ('predict', 'train', 'train_own_optim'),
-                          label, path, e)
-            continue
-        with DefaultScope.overwrite_default_scope('mmdet'), \
-                bench.cudnn_benchmark(autotune) as autotune:
-            dets = []
+    B = s['det_train_batch']
+    configs = read_toolbox_configs(bench, 'detector', models, SWIN_DET_CONFIG, 'det',
+                                   ('predict', 'train', 'train_own_optim'),
+                                   s.get('quick', False))
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        dets = {name: [] for name, *_ in configs}
+        specs = [dict(key=f'detector/{name}/predict',
+                      setup=detector_predict_setup(bench, cfg, (H, W), autotune,
+                                                   args.raw_det_head, dets[name]),
+                      items=1, unit='FPS', label=label, config=source, input=[1, 3, H, W],
+                      mode='predict', cudnn_benchmark=autotune)
+                 for name, label, path, cfg, source, autotune in configs]
+        specs += [dict(key='detector/heads_only/predict',
+                       setup=detector_predict_setup(bench, cfg, (H, W), autotune,
+                                                    args.raw_det_head, [],
+                                                    backbone_once=True),
+                       items=1, unit='FPS', label=f'{label}: neck, heads and '
+                       'post-processing alone (backbone features computed once)',
+                       config=source, input=[1, 3, H, W], mode='predict',
+                       cudnn_benchmark=autotune)
+                  for name, label, path, cfg, source, autotune in configs
+                  if name == 'restv2_t']
+        entries = bench.measure_side_by_side(specs, s['det_predict_reps'])
+        for name, found in dets.items():
+            if found and f'detector/{name}/predict' in entries:
+                entries[f'detector/{name}/predict']['detections_per_image'] = float(
+                    np.mean(found))
 
-            def setup_predict():
-                model = build_toolbox_model(bench, model_cfg, 'mmdet').eval()
-                if not args.raw_det_head:
-                    fill_detections(model)
-                data = det_data(bench, (H, W), 1, with_gt=False)
-
-                def step():
-                    with torch.no_grad(), bench.autocast():
-                        out = model.test_step(data)
-                    dets.append(len(out[0].pred_instances))
-
-                return step
-
-            e = bench.measure(f'detector/{name}/predict', setup_predict, s['det_predict_reps'],
-                              items=1, unit='FPS', label=label, config=source,
-                              input=[1, 3, H, W], mode='predict', cudnn_benchmark=autotune)
-            if dets:
-                e['detections_per_image'] = float(np.mean(dets))
-
-            B = s['det_train_batch']
-            for optim in ('same', 'own'):
-                bench.measure(
-                    f'detector/{name}/train' + ('_own_optim' if optim == 'own' else ''),
-                    train_steps(bench, model_cfg, 'mmdet', optim, path, SWIN_DET_CONFIG,
-                                det_data(bench, (H, W), B, with_gt=True), 1e-4, 0.05),
-                    s['det_train_reps'], items=B, label=label, config=source,
-                    input=[B, 3, H, W], mode='train', count_kernels=True,
-                    optimizer=OPTIMIZER_NOTES[optim], cudnn_benchmark=autotune)
+        for optim in ('same', 'own'):
+            suffix = '_own_optim' if optim == 'own' else ''
+            bench.measure_side_by_side([
+                dict(key=f'detector/{name}/train{suffix}',
+                     setup=train_steps(bench, cfg, 'mmdet', optim, path, SWIN_DET_CONFIG,
+                                       det_data(bench, (H, W), B, with_gt=True), 1e-4, 0.05,
+                                       autotune),
+                     items=B, label=label, config=source, input=[B, 3, H, W], mode='train',
+                     count_kernels=True, optimizer=OPTIMIZER_NOTES[optim],
+                     cudnn_benchmark=autotune)
+                for name, label, path, cfg, source, autotune in configs
+            ], s['det_train_reps'])
 
 
 OPTIMIZER_NOTES = dict(same='one AdamW group for every model',
@@ -292,7 +362,7 @@ OPTIMIZER_NOTES = dict(same='one AdamW group for every model',
 
 
 def train_steps(bench: Bench, model_cfg, scope: str, optim: str, path: str, peer_path: str,
-                data: dict, lr: float, weight_decay: float):
+                data: dict, lr: float, weight_decay: float, autotune: bool):
     """setup() for one training iteration of a whole model (``train_step``, AMP on a GPU)
     with the same AdamW for every model (``optim='same'``) or its config's (``'own'``)."""
 
@@ -302,7 +372,7 @@ def train_steps(bench: Bench, model_cfg, scope: str, optim: str, path: str, peer
             optim_wrapper = build_optim_wrapper(bench, model, lr, weight_decay)
         else:
             optim_wrapper = config_optim_wrapper(bench, model, path, peer_path, scope)
-        return lambda: model.train_step(data, optim_wrapper)
+        return with_cudnn(bench, autotune, lambda: model.train_step(data, optim_wrapper))
 
     return setup
 
@@ -312,44 +382,46 @@ def section_segmentor(bench: Bench, s: dict, args):
     models = [('restv2_t', 'UperNet ResTv2-T', args.restv2_seg_config),
               ('swin_t', 'UperNet Swin-T (mmseg)', SWIN_SEG_CONFIG)]
     H, W = s['seg_size']
-    for name, label, path in models:
-        key = f'segmentor/{name}/predict'
-        try:
-            model_cfg, source, autotune = toolbox_model_config(
-                path, SWIN_SEG_CONFIG, 'seg', s.get('quick', False))
-        except Exception as e:  # noqa: BLE001
-            config_failed(bench, f'segmentor/{name}', ('predict', 'train_own_optim'), label,
-                          path, e)
-            continue
-        with DefaultScope.overwrite_default_scope('mmseg'), \
-                bench.cudnn_benchmark(autotune) as autotune:
+    B = s['seg_train_batch']
+    configs = read_toolbox_configs(bench, 'segmentor', models, SWIN_SEG_CONFIG, 'seg',
+                                   ('predict', 'train_own_optim'), s.get('quick', False))
 
-            def setup_predict():
-                model = build_toolbox_model(bench, model_cfg, 'mmseg').eval()
-                data = seg_data(bench, (H, W), 1)
+    def predict_setup(model_cfg, autotune):
+        def setup():
+            model = build_toolbox_model(bench, model_cfg, 'mmseg').eval()
+            data = seg_data(bench, (H, W), 1)
 
-                def step():
-                    with torch.no_grad(), bench.autocast():
-                        return model.test_step(data)
+            def step():
+                with torch.no_grad(), bench.autocast():
+                    return model.test_step(data)
 
-                return step
+            return with_cudnn(bench, autotune, step)
 
-            bench.measure(key, setup_predict, s['seg_predict_reps'], items=1, unit='FPS',
-                          label=label, config=source, input=[1, 3, H, W], mode='predict',
-                          cudnn_benchmark=autotune)
-            B = s['seg_train_batch']
-            variants = [(name, label, model_cfg)]
+        return setup
+
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        bench.measure_side_by_side([
+            dict(key=f'segmentor/{name}/predict', setup=predict_setup(cfg, autotune),
+                 items=1, unit='FPS', label=label, config=source, input=[1, 3, H, W],
+                 mode='predict', cudnn_benchmark=autotune)
+            for name, label, path, cfg, source, autotune in configs
+        ], s['seg_predict_reps'])
+        train = []
+        for name, label, path, cfg, source, autotune in configs:
+            variants = [(name, label, cfg)]
             if name == 'restv2_t':  # the config as it is, and with fast_training switched
-                variants.append(switched_fast_training(name, label, model_cfg))
-            for key, variant_label, cfg in variants:
-                bench.measure(f'segmentor/{key}/train_own_optim',
-                              train_steps(bench, cfg, 'mmseg', 'own', path, SWIN_SEG_CONFIG,
-                                          seg_data(bench, (H, W), B, with_gt=True), 6e-5,
-                                          0.01),
-                              s['seg_train_reps'], items=B, label=variant_label,
-                              config=source, input=[B, 3, H, W], mode='train',
-                              count_kernels=True, optimizer=OPTIMIZER_NOTES['own'],
-                              cudnn_benchmark=autotune)
+                variants.append(switched_fast_training(name, label, cfg))
+            train += [
+                dict(key=f'segmentor/{key}/train_own_optim',
+                     setup=train_steps(bench, variant_cfg, 'mmseg', 'own', path,
+                                       SWIN_SEG_CONFIG,
+                                       seg_data(bench, (H, W), B, with_gt=True), 6e-5, 0.01,
+                                       autotune),
+                     items=B, label=variant_label, config=source, input=[B, 3, H, W],
+                     mode='train', count_kernels=True, optimizer=OPTIMIZER_NOTES['own'],
+                     cudnn_benchmark=autotune)
+                for key, variant_label, variant_cfg in variants]
+        bench.measure_side_by_side(train, s['seg_train_reps'])
 
 
 def switched_fast_training(name: str, label: str, model_cfg):

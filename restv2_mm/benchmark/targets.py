@@ -61,6 +61,10 @@ def ratio_definitions(s: dict) -> List[dict]:
                 'time', f'styles/{style}/{H}x{W}', f'styles/global/{H}x{W}')
     add('detector/predict/speed', 'Mask R-CNN predict: ResTv2-T vs Swin-T, FPS', 'speed',
         'detector/restv2_t/predict', 'detector/swin_t/predict')
+    # the most any backbone could give: the model's other parts alone against Swin-T's whole
+    add('detector/predict/ceiling',
+        'Mask R-CNN predict: its other parts alone (no backbone) vs Swin-T, FPS', 'speed',
+        'detector/heads_only/predict', 'detector/swin_t/predict')
     for model, section in (('Mask R-CNN', 'detector'), ('UperNet', 'segmentor')):
         for train, optim in (('train', 'same optimizer'), ('train_own_optim', 'own configs')):
             for kind in ('time', 'memory'):

@@ -4,7 +4,7 @@ import gc
 import sys
 import time
 import traceback
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -65,33 +65,18 @@ class Bench:
         """Median and spread of ``reps`` timed calls of ``step`` after ``warmup`` calls."""
         for _ in range(warmup):
             step()
-        times = []
+        base_mb = peak_mb = graphs_mb = None
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-            for _ in range(reps):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(self.device)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
+        times = [self._one_timed_call(step) for _ in range(reps)]
+        if self.cuda:
             graphs = graph_pool_bytes(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) + graphs
             base_mb, peak_mb, graphs_mb = base / 2**20, peak / 2**20, graphs / 2**20
-        else:
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
-            base_mb = peak_mb = graphs_mb = None
-        return dict(median_ms=float(np.median(times)), mean_ms=float(np.mean(times)),
-                    min_ms=float(np.min(times)), max_ms=float(np.max(times)),
-                    warmup=warmup, reps=reps, base_mb=base_mb, peak_mb=peak_mb,
-                    graph_pool_mb=graphs_mb)
+        return dict(summary(times), warmup=warmup, reps=reps, base_mb=base_mb,
+                    peak_mb=peak_mb, graph_pool_mb=graphs_mb)
 
     def kernels_per_step(self, step: Callable[[], object]) -> int:
         """How many GPU kernels one call of ``step`` launches (torch.profiler)."""
@@ -128,12 +113,7 @@ class Bench:
                 entry['kernels'] = self.kernel_counts[key]
             entry['status'] = 'ok'
         except Exception as e:  # noqa: BLE001  (any failure is a result to report)
-            oom = isinstance(e, torch.cuda.OutOfMemoryError) or 'out of memory' in str(e)
-            entry['status'] = 'OOM' if oom else 'error'
-            entry['error'] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-            print(f'  ! {key} failed: {entry["error"]}', file=sys.stderr)
-            if not oom:
-                traceback.print_exc(file=sys.stderr)
+            self._record_failure(entry, e)
         finally:
             step = None
             self.clear()
@@ -141,11 +121,134 @@ class Bench:
         print('  ' + progress_line(entry), flush=True)
         return entry
 
+    def measure_side_by_side(self, specs: List[dict], reps) -> Dict[str, dict]:
+        """Measure several models that are compared with each other, their timed steps
+        interleaved: one step of each in turn, so that the host's busy phases fall on all
+        of them alike (a whole detector's iteration is bound by the host launching its
+        kernels, and on a shared host that pace changes within seconds).
+
+        Each spec is a dict with ``key`` and ``setup`` as for :meth:`measure` and the
+        entry's other fields (``items``, ``unit``, ``count_kernels``, info). The models are
+        set up one after the other and stay resident; each one's peak memory is taken
+        over its own warm-up and a few more steps, less what the models set up before it
+        hold (they are idle meanwhile, so the bytes add up exactly). A model that fails
+        is recorded as in :meth:`measure` and the others go on.
+        """
+        warmup, timed = reps
+        steps: Dict[str, Callable[[], object]] = {}
+        entries: Dict[str, dict] = {}
+        self.clear()
+        for spec in specs:
+            spec = dict(spec)
+            key, setup = spec.pop('key'), spec.pop('setup')
+            count_kernels = spec.pop('count_kernels', False)
+            entry = entries[key] = dict(key=key, section=key.split('/')[0],
+                                        items=spec.pop('items', 1),
+                                        unit=spec.pop('unit', 'img/s'), **spec)
+            try:
+                others = self._resident()
+                step = setup()
+                entry.update(self._memory_over(step, warmup, others))
+                if count_kernels and self.cuda:
+                    if key not in self.kernel_counts:
+                        self.kernel_counts[key] = self.kernels_per_step(step)
+                    entry['kernels'] = self.kernel_counts[key]
+                steps[key] = step
+            except Exception as e:  # noqa: BLE001  (any failure is a result to report)
+                self._record_failure(entry, e)
+                gc.collect()
+        step = None
+        try:
+            times = self._interleaved_times(steps, timed, entries)
+            for key, ts in times.items():
+                others = [k for k in times if k != key]
+                entry = entries[key]
+                entry.update(summary(ts), reps=timed, status='ok',
+                             timing=f'interleaved with {", ".join(others) or "nothing"}')
+                entry['per_s'] = entry['items'] * 1e3 / entry['median_ms']
+        finally:
+            steps.clear()
+            self.clear()
+        for key, entry in entries.items():
+            self.results[key] = entry
+            print('  ' + progress_line(entry), flush=True)
+        return entries
+
+    def _resident(self) -> tuple:
+        """Bytes allocated and held in graph pools now (the models already set up)."""
+        if not self.cuda:
+            return 0, 0
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.memory_allocated(self.device), graph_pool_bytes(self.device)
+
+    def _memory_over(self, step, warmup: int, others: tuple, extra_steps: int = 2) -> dict:
+        """Warm ``step`` up and take its peak memory (on CUDA) over the warm-up's last step
+        and ``extra_steps`` more, less ``others`` (see :meth:`_resident`)."""
+        if not self.cuda:
+            for _ in range(warmup):
+                step()
+            return dict(warmup=warmup, base_mb=None, peak_mb=None, graph_pool_mb=None)
+        for _ in range(max(warmup - 1, 0)):
+            step()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device) - others[0]
+        for _ in range(1 + extra_steps):
+            step()
+        torch.cuda.synchronize(self.device)
+        graphs = graph_pool_bytes(self.device) - others[1]
+        peak = torch.cuda.max_memory_allocated(self.device) - others[0] + graphs
+        return dict(warmup=warmup, base_mb=base / 2**20, peak_mb=peak / 2**20,
+                    graph_pool_mb=graphs / 2**20)
+
+    def _interleaved_times(self, steps: Dict[str, Callable[[], object]], reps: int,
+                           entries: Dict[str, dict]) -> Dict[str, List[float]]:
+        """``reps`` timed calls of each step, one of each in turn; a step that raises is
+        recorded in its entry and left out from then on."""
+        times = {key: [] for key in steps}
+        for _ in range(reps):
+            for key in list(times):
+                try:
+                    times[key].append(self._one_timed_call(steps[key]))
+                except Exception as e:  # noqa: BLE001
+                    self._record_failure(entries[key], e)
+                    del times[key], steps[key]
+                    gc.collect()
+        return times
+
+    def _one_timed_call(self, step) -> float:
+        """Milliseconds of one call of ``step``, from an idle device to its last kernel."""
+        if not self.cuda:
+            t0 = time.perf_counter()
+            step()
+            return (time.perf_counter() - t0) * 1e3
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(self.device)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    def _record_failure(self, entry: dict, e: Exception):
+        oom = isinstance(e, torch.cuda.OutOfMemoryError) or 'out of memory' in str(e)
+        entry['status'] = 'OOM' if oom else 'error'
+        entry['error'] = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+        print(f'  ! {entry["key"]} failed: {entry["error"]}', file=sys.stderr)
+        if not oom:
+            traceback.print_exc(file=sys.stderr)
+
     def skip(self, key: str, note: str, **info) -> dict:
         entry = dict(key=key, section=key.split('/')[0], status='skipped', note=note, **info)
         self.results[key] = entry
         print(f'  - {key}: skipped ({note})', flush=True)
         return entry
+
+
+def summary(times: List[float]) -> dict:
+    return dict(median_ms=float(np.median(times)), mean_ms=float(np.mean(times)),
+                min_ms=float(np.min(times)), max_ms=float(np.max(times)))
 
 
 def progress_line(e: dict) -> str:

@@ -21,7 +21,9 @@ Sections (``--sections``, comma separated; default all):
   and 2400 x 4032 (batch 1), drawn as latency per image against input size (``--out-plot``).
 - ``detector``: Mask R-CNN ResTv2-T against mmdet's Mask R-CNN Swin-T: predict at 800 x 1344
   (batch 1, fp16) and one AMP training iteration at batch 2 with peak memory, with the same
-  AdamW for both and with each config's own optimizer set-up.
+  AdamW for both and with each config's own optimizer set-up. Also the predict of ResTv2-T's
+  model with the backbone's features computed once: the neck, heads and post-processing
+  alone, the time no backbone can take away.
 - ``segmentor``: UperNet ResTv2-T against mmseg's UperNet Swin-T: predict at 512 x 512, and
   one AMP training iteration at batch 4 with each config's own optimizer set-up; ResTv2-T's
   also with the backbone's ``fast_training`` the other way round from its config.
@@ -30,9 +32,15 @@ Every model has random weights (no pretrained files are read or downloaded). Tim
 medians over timed repeats after warm-up, taken with CUDA events (``time.perf_counter`` on
 the CPU); peak memory is ``torch.cuda.max_memory_allocated`` over the timed repeats, weights
 and optimizer state included, plus what CUDA graphs' private pools hold beyond it (the
-buffers a replay reuses, which the counter sees as free). Each measurement is isolated
-(caches emptied, peak statistics reset) and one that fails, say out of memory, is reported as
-such while the rest go on.
+buffers a replay reuses, which the counter sees as free). Run eagerly, these models are
+bound by the host launching their kernels, and on a shared host that pace changes within
+seconds; so the models of one comparison are set up together and timed in turn, one step of
+each: the backbones' inference and their training steps at 800 x 1344, the detectors'
+predict and each training set-up, the segmentors' likewise. Each one's peak is taken over
+its own warm-up, less what the others hold (they are idle meanwhile). The rest (224 x 224
+throughput, CUDA-graph floors, the larger style sizes) is measured one model at a time,
+caches emptied and peak statistics reset. A measurement that fails, say out of memory, is
+reported as such while the rest go on.
 With ``--rounds R`` everything is measured R times in turn and each measurement keeps its
 round with the lowest median: on a shared host whose CPU launches the kernels, contention
 comes in phases that only ever add time, and R rounds give each model R chances to miss
