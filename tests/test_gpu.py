@@ -471,3 +471,45 @@ def test_toy_upernet_trains_with_fast_training_through_train_py(tmp_path):
                open(next((tmp_path / 'train').glob('*/vis_data/scalars.json')))]
     miou = [s['mIoU'] for s in scalars if 'mIoU' in s]
     assert miou and miou[-1] > 30, miou
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
+def test_fast_training_under_ddp_keeps_the_ranks_in_step(tmp_path):
+    """The toy UperNet on two GPUs (NCCL, DistributedDataParallel) with fast_training and
+    AMP: the ranks train on different images yet end with the same parameters, so the
+    gradients of the replayed backward reach DDP's all-reduce."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from restv2_mm.toy_data import make_toy_data
+    tests = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(tests)
+    make_toy_data(str(tmp_path / 'data' / 'toy'), kind='ade', num_train=32, num_val=4,
+                  seed=0)
+    probe = tmp_path / 'probe'
+    config = tmp_path / 'upernet_probe.py'
+    config.write_text(
+        f"_base_ = [{os.path.join(root, 'configs', 'toy', 'upernet_restv2_t_toy.py')!r}]\n"
+        f"custom_imports = dict(imports=['restv2_mm', 'rank_probe'], "
+        f'allow_failed_imports=False)\n'
+        f"custom_hooks = [dict(type='RankProbeHook', out_dir={str(probe)!r})]\n")
+    env = dict(os.environ, PYTHON=sys.executable,
+               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get('PYTHONPATH')])))
+    env.pop('PORT', None)
+    proc = subprocess.run(
+        ['bash', os.path.join(root, 'tools', 'dist_train.sh'), str(config), '2',
+         '--work-dir', 'train', '--amp', '--cfg-options', 'model.backbone.fast_training=True',
+         'train_cfg.max_iters=40', 'train_cfg.val_interval=40', 'train_dataloader.batch_size=4'],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert 'fast_training: training passes at input size' in out, out[-4000:]
+    assert 'recording a CUDA graph failed' not in out
+    ranks = [json.loads((probe / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert [r['world_size'] for r in ranks] == [2, 2]
+    seen = [set(name for names in r['images'].values() for name in names) for r in ranks]
+    assert seen[0] and seen[1] and seen[0] != seen[1]  # different data on the two ranks
+    assert ranks[0]['parameters'] == ranks[1]['parameters']
+    assert 'mIoU' in out
