@@ -87,6 +87,7 @@ def test_quick_run_measures_every_section_and_writes_json_and_plot(tmp_path):
     # The whole models that are compared ran side by side.
     entry = report['sections']['detector']['detector/restv2_t/train']
     assert entry['timing'] == 'interleaved with detector/swin_t/train'
+    assert entry['cudnn_benchmark'] is False  # the CPU has no cuDNN to tune
     assert report['ratios']['detector/predict/ceiling']['value'] > 0
     # ResTv2's own configs were used, not the stand-in built from Swin's.
     assert report['sections']['detector']['detector/restv2_t/train']['config'] == \

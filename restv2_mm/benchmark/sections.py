@@ -251,14 +251,18 @@ def config_failed(bench: Bench, prefix: str, modes, label: str, path: str, error
 def read_toolbox_configs(bench: Bench, section: str, models, peer_path: str, kind: str,
                          modes, quick: bool):
     """(name, label, path, model config, source, cudnn autotune) of each model whose
-    config reads; the others are recorded as failed."""
+    config reads; the others are recorded as failed. Autotuning is the config's
+    ``env_cfg.cudnn_benchmark`` where the benchmark allows it (on CUDA, without
+    ``--no-cudnn-benchmark``)."""
     configs = []
     for name, label, path in models:
         try:
-            configs.append((name, label, path,
-                            *toolbox_model_config(path, peer_path, kind, quick)))
+            model_cfg, source, autotune = toolbox_model_config(path, peer_path, kind, quick)
         except Exception as e:  # noqa: BLE001
             config_failed(bench, f'{section}/{name}', modes, label, path, e)
+            continue
+        configs.append((name, label, path, model_cfg, source,
+                        autotune and bench.allow_cudnn_benchmark))
     return configs
 
 
