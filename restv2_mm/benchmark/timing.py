@@ -156,6 +156,7 @@ class Bench:
                 steps[key] = step
             except Exception as e:  # noqa: BLE001  (any failure is a result to report)
                 self._record_failure(entry, e)
+                step = None  # its memory goes before the next model is set up
                 gc.collect()
         step = None
         try:
