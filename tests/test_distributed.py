@@ -37,8 +37,10 @@ TWO_ON_CPU = 'Distributed: world size 2, gloo backend, processes on the CPU.'
 
 
 def dist_env(**extra):
-    env = dict(os.environ, PYTHONWARNINGS='ignore', PYTHON=sys.executable,
-               PYTHONPATH=HERE, **extra)  # rank_probe is importable in the processes
+    # rank_probe is importable in the processes, and whatever the environment adds too
+    path = os.pathsep.join(filter(None, [HERE, os.environ.get('PYTHONPATH')]))
+    env = dict(os.environ, PYTHONWARNINGS='ignore', PYTHON=sys.executable, PYTHONPATH=path,
+               **extra)
     if 'PORT' not in extra:
         env.pop('PORT', None)
     return env
@@ -99,16 +101,23 @@ def dist_cwd(tmp_path_factory):
     return toy_workdir(tmp_path_factory, 'dist_run', num_val=3)  # odd: ranks get unequal shares
 
 
-@pytest.fixture(scope='module')
-def maskrcnn_run(dist_cwd):
-    """One epoch of the toy Mask R-CNN on two processes, one image each per iteration."""
-    probe_dir = dist_cwd / 'probe'
-    config = dist_cwd / 'maskrcnn_probe.py'
+def probe_config(cwd, base: str, name: str):
+    """A config at ``cwd/name`` that is ``base`` with ``RankProbeHook`` writing to
+    ``cwd/probe``; returns the config and that folder."""
+    probe_dir = cwd / 'probe'
+    config = cwd / name
     config.write_text(
-        f'_base_ = [{DET_TOY!r}]\n'
+        f'_base_ = [{base!r}]\n'
         f"custom_imports = dict(imports=['restv2_mm', 'rank_probe'], "
         f'allow_failed_imports=False)\n'
         f"custom_hooks = [dict(type='RankProbeHook', out_dir={str(probe_dir)!r})]\n")
+    return config, probe_dir
+
+
+@pytest.fixture(scope='module')
+def maskrcnn_run(dist_cwd):
+    """One epoch of the toy Mask R-CNN on two processes, one image each per iteration."""
+    config, probe_dir = probe_config(dist_cwd, DET_TOY, 'maskrcnn_probe.py')
     work = dist_cwd / 'work_det'
     proc = run_dist('dist_train.sh', [str(config), '2', '--work-dir', str(work),
                                       '--cfg-options', 'train_cfg.max_epochs=1',

@@ -479,30 +479,19 @@ def test_fast_training_under_ddp_keeps_the_ranks_in_step(tmp_path):
     AMP: the ranks train on different images yet end with the same parameters, so the
     gradients of the replayed backward reach DDP's all-reduce."""
     import json
-    import os
-    import subprocess
-    import sys
+
+    from test_distributed import probe_config, run_dist
+    from test_downstream import SEG_TOY
 
     from restv2_mm.toy_data import make_toy_data
-    tests = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(tests)
     make_toy_data(str(tmp_path / 'data' / 'toy'), kind='ade', num_train=32, num_val=4,
                   seed=0)
-    probe = tmp_path / 'probe'
-    config = tmp_path / 'upernet_probe.py'
-    config.write_text(
-        f"_base_ = [{os.path.join(root, 'configs', 'toy', 'upernet_restv2_t_toy.py')!r}]\n"
-        f"custom_imports = dict(imports=['restv2_mm', 'rank_probe'], "
-        f'allow_failed_imports=False)\n'
-        f"custom_hooks = [dict(type='RankProbeHook', out_dir={str(probe)!r})]\n")
-    env = dict(os.environ, PYTHON=sys.executable,
-               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get('PYTHONPATH')])))
-    env.pop('PORT', None)
-    proc = subprocess.run(
-        ['bash', os.path.join(root, 'tools', 'dist_train.sh'), str(config), '2',
-         '--work-dir', 'train', '--amp', '--cfg-options', 'model.backbone.fast_training=True',
-         'train_cfg.max_iters=40', 'train_cfg.val_interval=40', 'train_dataloader.batch_size=4'],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    config, probe = probe_config(tmp_path, SEG_TOY, 'upernet_probe.py')
+    proc = run_dist('dist_train.sh', [
+        str(config), '2', '--work-dir', 'train', '--amp', '--cfg-options',
+        'model.backbone.fast_training=True', 'train_cfg.max_iters=40',
+        'train_cfg.val_interval=40', 'train_dataloader.batch_size=4'
+    ], cwd=tmp_path, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert 'fast_training: training passes at input size' in out, out[-4000:]
