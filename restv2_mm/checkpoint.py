@@ -34,8 +34,12 @@ from mmengine.logging import print_log
 OFFICIAL_CHECKPOINTS_HINT = (
     'The authors\' ImageNet-1k checkpoints (restv2_{tiny,small,base,large}_{224,384}.pth) '
     'are linked from the ResTv2 repository (github.com/wofmanaf/ResT); download the one for '
-    'your arch into checkpoints/. To train from scratch instead, pass '
-    '--cfg-options model.backbone.init_cfg=None.')
+    'your arch into checkpoints/.')
+
+
+def from_scratch_hint(key: str = 'model.backbone.init_cfg') -> str:
+    """How to go without the pretrained weights that ``key`` of the config names."""
+    return f'To train from scratch instead, pass --cfg-options {key}=None.'
 
 # Keys of the authors' classification model that a backbone does not use.
 CLASSIFIER_KEYS = re.compile(r'^(head\.|norm\.(weight|bias)$)')
@@ -183,7 +187,8 @@ def read_checkpoint(filename: str) -> dict:
     is_remote = re.match(r'^[a-zA-Z][a-zA-Z0-9+.-]*://', filename) is not None
     if not is_remote and not osp.isfile(filename):
         raise FileNotFoundError(f'Checkpoint {filename!r} not found (working directory: '
-                                f'{os.getcwd()}). {OFFICIAL_CHECKPOINTS_HINT}')
+                                f'{os.getcwd()}). {OFFICIAL_CHECKPOINTS_HINT} '
+                                f'{from_scratch_hint()}')
     from mmengine.runner import CheckpointLoader
     with _reading(filename):  # whichever loader mmengine picks for this path
         return CheckpointLoader.load_checkpoint(filename, map_location='cpu')

@@ -7,7 +7,7 @@ import os.path as osp
 import re
 from typing import Iterator, List, Optional, Tuple
 
-from ..checkpoint import OFFICIAL_CHECKPOINTS_HINT
+from ..checkpoint import OFFICIAL_CHECKPOINTS_HINT, from_scratch_hint
 from .tool import ToolError
 
 TOY_DEMO_HINT = ('To try everything without the real data, run the toy demo: '
@@ -152,7 +152,7 @@ def check_pretrained(cfg) -> None:
         raise ToolError(
             f'The pretrained weights {path!r} named by {key} do not exist (working '
             f'directory {os.getcwd()}).\n{OFFICIAL_CHECKPOINTS_HINT}\n'
-            f'To train from scratch, pass --cfg-options {key}=None.')
+            f'{from_scratch_hint(key)}')
 
 
 def check_backbone(cfg) -> None:
