@@ -53,8 +53,9 @@ def expected_keys():
         'dense': dense,
         'styles': {f'styles/{s}/{hw}' for s in styles for hw in ('64x96', '96x128', '128x160')},
         'detector': {f'detector/{n}/{m}' for n in ('restv2_t', 'swin_t')
-                     for m in ('predict', 'train', 'train_own_optim')}
-        | {'detector/heads_only/predict'},  # the ResTv2-T model with fixed features
+                     for m in ('predict', 'train', 'train_own_optim', 'train_stream')}
+        | {'detector/heads_only/predict',  # the ResTv2-T model with fixed features
+           'detector/restv2_t_eager/train'},  # the config's fast_training switched
         'segmentor': {f'segmentor/{n}/{m}' for n in ('restv2_t', 'swin_t')
                       for m in ('predict', 'train_own_optim')}
         | {'segmentor/restv2_t_fast_training/train_own_optim'},  # the config's switched
@@ -86,7 +87,12 @@ def test_quick_run_measures_every_section_and_writes_json_and_plot(tmp_path):
         assert 0 < dets['detections_per_image'] <= 10
     # The whole models that are compared ran side by side.
     entry = report['sections']['detector']['detector/restv2_t/train']
-    assert entry['timing'] == 'interleaved with detector/swin_t/train'
+    assert entry['timing'] == ('interleaved with detector/restv2_t_eager/train, '
+                               'detector/swin_t/train')
+    # a step of the stream is one iteration on each of its batches, of two sizes here
+    stream = report['sections']['detector']['detector/restv2_t/train_stream']
+    assert stream['items'] == 4 and stream['input'] == [[2, 3, 96, 128], [2, 3, 128, 96]]
+    assert report['ratios']['detector/train_stream/time']['value'] > 0
     assert entry['cudnn_benchmark'] is False  # the CPU has no cuDNN to tune
     assert report['ratios']['detector/predict/ceiling']['value'] > 0
     # ResTv2's own configs were used, not the stand-in built from Swin's.

@@ -238,14 +238,21 @@ def test_gpu_toy_config_and_its_data_command_agree():
     assert 700 <= iters <= 800  # 750: 4 min 50 s of training on one H100 (README)
 
 
-def test_fast_training_is_off_in_the_configs_and_set_from_the_command_line():
-    """The UperNet configs name the switch (off); ``--cfg-options`` turns it on."""
+def test_fast_training_as_the_configs_set_it_and_from_the_command_line():
+    """On in the Mask R-CNN 1x configs (a few padded sizes), off in the 3x ones (sizes drawn
+    at random) and in the UperNet configs; ``--cfg-options`` sets it."""
     import importlib
 
     from mmengine.registry import DefaultScope
     for size in 'tsb':
+        backbone = load(f'configs/maskrcnn_restv2_{size}_coco.py').model.backbone
+        assert backbone.fast_training is True and backbone.train_graph_cache_size == 8
+        assert load(f'configs/maskrcnn_restv2_{size}_coco_3x.py').model.backbone \
+            .fast_training is False
         assert load(f'configs/upernet_restv2_{size}_ade20k.py').model.backbone.fast_training \
             is False
+    for style in ('win', 'cwin', 'hwin'):
+        assert load(f'configs/maskrcnn_restv2_t_coco_{style}.py').model.backbone.fast_training
     cfg = load('configs/toy/upernet_restv2_t_toy.py')
     cfg.merge_from_dict({'model.backbone.fast_training': True,
                          'model.backbone.train_graph_cache_size': 2})

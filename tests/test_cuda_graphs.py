@@ -36,22 +36,44 @@ def eager(x):
     return ('eager', tuple(x.shape))
 
 
+def calls(cache, size, times=1, state='state'):
+    """The last result of ``times`` calls at an 8 x size input."""
+    for _ in range(times):
+        out = cache(eager, torch.zeros(1, 3, 8, size), state)
+    return out[0]
+
+
 @pytest.mark.parametrize('cache_type', [GraphCache, TrainGraphCache])
 def test_a_signature_runs_eagerly_once_then_is_recorded_and_replayed(cache_type):
     cache = stand_in(cache_type, max_graphs=2)
-    x = torch.zeros(1, 3, 8, 8)
-    assert cache(eager, x, 'state')[0] == 'eager'
-    assert cache(eager, x, 'state')[0] == 'replayed' and cache.captures == 1
-    assert cache(eager, x, 'state')[0] == 'replayed' and cache.captures == 1
-    # other sizes push the least recently used one out; seen again, it is recorded anew
-    for size in (9, 10):
-        for _ in range(2):
-            cache(eager, torch.zeros(1, 3, size, size), 'state')
-    assert len(cache) == 2 and cache.captures == 3
-    assert cache(eager, x, 'state')[0] == 'eager'
-    assert cache(eager, x, 'state')[0] == 'replayed' and cache.captures == 4
-    # another state (new weights, a frozen stage) drops every graph
-    assert cache(eager, x, 'other state')[0] == 'eager' and len(cache) == 0
+    assert calls(cache, 8) == 'eager'
+    assert calls(cache, 8) == 'replayed' and cache.captures == 1
+    assert calls(cache, 8) == 'replayed' and cache.captures == 1
+    assert calls(cache, 9, 2) == 'replayed' and cache.captures == 2
+    # another state (new weights, a frozen stage) drops every graph and the counts
+    assert calls(cache, 8, state='other state') == 'eager' and len(cache) == 0
+    assert cache.sightings == {((1, 3, 8, 8), torch.float32, torch.device('cpu'), None): 1}
+
+
+@pytest.mark.parametrize('cache_type', [GraphCache, TrainGraphCache])
+def test_a_full_cache_keeps_the_frequent_sizes_and_leaves_the_rare_ones_eager(cache_type):
+    cache = stand_in(cache_type, max_graphs=2)
+    calls(cache, 8, 10)  # seen 10 times
+    calls(cache, 9, 4)  # seen 4 times
+    # a third size seen as often as the least-seen recorded one, or a quarter more, stays
+    # eager: sizes about as frequent as each other do not take turns
+    assert calls(cache, 10, 5) == 'eager' and cache.captures == 2
+    # seen more often than that, it takes the place of the least-seen one
+    assert calls(cache, 10) == 'replayed' and cache.captures == 3
+    assert set(s[0][-1] for s in cache.graphs) == {8, 10}
+    assert calls(cache, 9) == 'eager'  # 5 sightings against 6 and 10
+    # many sizes seen once or twice never push a frequent one out
+    for size in range(20, 60):
+        assert calls(cache, size, 2) == 'eager'
+    assert set(s[0][-1] for s in cache.graphs) == {8, 10} and cache.captures == 3
+    # the counts are bounded: the least-seen sizes that are not recorded are forgotten
+    assert len(cache.sightings) <= 16 * 2
+    assert cache.sightings[((1, 3, 8, 8), torch.float32, torch.device('cpu'), None)] == 10
 
 
 @pytest.mark.parametrize('cache_type', [GraphCache, TrainGraphCache])

@@ -183,10 +183,14 @@ def test_an_evicted_size_is_recorded_again_and_still_right():
     fast, eager = fast_and_eager(graph_cache_size=2)
     sizes = [(128, 160), (160, 128), (192, 192)]
     xs = [torch.rand(1, 3, *s, device='cuda') for s in sizes]
-    for x in xs:
-        run3(fast, x)
+    for x, times in zip(xs, (1, 1, 2)):  # 3, 3 and then 6 sightings
+        for _ in range(times):
+            run3(fast, x)
     assert len(fast._graphs) == 2 and fast._graphs.captures == 3
-    outs = run3(fast, xs[0])  # evicted: eager, then recorded anew
+    # the third size, seen more often, took the first one's place; seen again, the first
+    # one is recorded anew once it is seen more often than the second (3 sightings, the
+    # least seen now): 4 sightings, eager; 5, recorded; 6, replayed
+    outs = run3(fast, xs[0])
     assert fast._graphs.captures == 4
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):
         ref = eager(xs[0])
@@ -363,6 +367,32 @@ def test_fast_training_accumulates_gradients_over_replays():
     assert graph._train_graphs.captures == 1
     for (name, p), q in zip(graph.named_parameters(), eager.parameters()):
         assert rel_err(p.grad, q.grad) < 1e-4, name
+
+
+def test_fast_training_sizes_share_one_set_of_gradient_buffers():
+    graph, eager = graph_and_eager_trainers(drop_path_rate=0.)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (graph, eager)]
+    sizes = [(128, 160), (160, 128), (96, 224)]
+    torch.manual_seed(2)
+    for size in sizes * 3:  # each size: eager, recorded, replayed; the steps follow eager
+        x = torch.rand(2, 3, *size, device='cuda')
+        assert_close_steps(train_step(graph, x, opts[0]), train_step(eager, x, opts[1]), 1e-3)
+    cache = graph._train_graphs
+    assert cache.captures == 3 and len(cache) == 3
+    trainable = sum(p.requires_grad for p in graph.parameters())
+    assert len(cache.grad_buffers) == trainable
+    for entry in cache.graphs.values():  # the very same tensors, not copies per size
+        assert all(g is None or g is cache.grad_buffers[i]
+                   for i, g in enumerate(entry.static_grads))
+    # gradients accumulated over two sizes: the first one's survive the second's backward
+    graph.zero_grad(set_to_none=True)
+    eager.zero_grad(set_to_none=True)
+    for size in sizes[:2]:
+        x = torch.rand(2, 3, *size, device='cuda')
+        for model in (graph, eager):
+            sum(o.float().pow(2).mean() for o in model(x)).backward()
+    for (name, p), q in zip(graph.named_parameters(), eager.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-3, name
 
 
 def test_fast_training_outputs_survive_the_next_replay():

@@ -26,6 +26,10 @@ FULL = dict(
     style_sizes=((800, 1344, 2), (1600, 2688, 1), (2400, 4032, 1)),
     style_reps=((10, 30), (4, 12), (3, 8)),
     det_size=(800, 1344), det_train_batch=2, det_predict_reps=(10, 30), det_train_reps=(4, 12),
+    # COCO's padded batch sizes under the 1x pipeline (long side 1333, short side 800, pads to
+    # 32, batches of one orientation): 4:3 and 3:2 images, landscape and portrait, and a wide one
+    det_stream=((800, 1216), (800, 1088), (800, 1216), (1216, 800), (800, 1088), (800, 1344)),
+    det_stream_reps=(1, 2),  # whole passes over the stream
     seg_size=(512, 512), seg_train_batch=4, seg_predict_reps=(10, 30), seg_train_reps=(4, 12),
 )
 # The quick run only proves that every path works: tiny inputs, one timed call, and lighter
@@ -37,6 +41,7 @@ QUICK = dict(
     style_sizes=((64, 96, 2), (96, 128, 1), (128, 160, 1)),
     style_reps=((0, 1), (0, 1), (0, 1)),
     det_size=(96, 128), det_train_batch=2, det_predict_reps=(0, 1), det_train_reps=(0, 1),
+    det_stream=((96, 128), (128, 96)), det_stream_reps=(0, 1),
     seg_size=(64, 64), seg_train_batch=2, seg_predict_reps=(0, 1), seg_train_reps=(0, 1),
     quick=True,
 )
@@ -349,16 +354,37 @@ def section_detector(bench: Bench, s: dict, args):
 
         for optim in ('same', 'own'):
             suffix = '_own_optim' if optim == 'own' else ''
-            bench.measure_side_by_side([
-                dict(key=f'detector/{name}/train{suffix}',
-                     setup=train_steps(bench, cfg, 'mmdet', optim, path, SWIN_DET_CONFIG,
-                                       det_data(bench, (H, W), B, with_gt=True), 1e-4, 0.05,
-                                       autotune),
-                     items=B, label=label, config=source, input=[B, 3, H, W], mode='train',
-                     count_kernels=True, optimizer=OPTIMIZER_NOTES[optim],
-                     cudnn_benchmark=autotune)
-                for name, label, path, cfg, source, autotune in configs
-            ], s['det_train_reps'])
+            train = []
+            for name, label, path, cfg, source, autotune in configs:
+                variants = [(name, label, cfg)]
+                if name == 'restv2_t' and optim == 'same':  # fast_training the other way too
+                    variants.append(switched_fast_training(name, label, cfg))
+                train += [
+                    dict(key=f'detector/{key}/train{suffix}',
+                         setup=train_steps(bench, variant_cfg, 'mmdet', optim, path,
+                                           SWIN_DET_CONFIG,
+                                           [det_data(bench, (H, W), B, with_gt=True)], 1e-4,
+                                           0.05, autotune),
+                         items=B, label=variant_label, config=source, input=[B, 3, H, W],
+                         mode='train', count_kernels=True, optimizer=OPTIMIZER_NOTES[optim],
+                         cudnn_benchmark=autotune)
+                    for key, variant_label, variant_cfg in variants]
+            bench.measure_side_by_side(train, s['det_train_reps'])
+
+        # a step is one pass over batches of several padded sizes, as a COCO epoch brings them
+        stream = s['det_stream']
+        batches = [det_data(bench, size, B, with_gt=True, seed=i) for i, size in
+                   enumerate(stream)]
+        bench.measure_side_by_side([
+            dict(key=f'detector/{name}/train_stream',
+                 setup=train_steps(bench, cfg, 'mmdet', 'same', path, SWIN_DET_CONFIG,
+                                   batches, 1e-4, 0.05, autotune),
+                 items=B * len(stream), label=f'{label}, {len(stream)} batches of '
+                 f'{len(set(stream))} sizes a step', config=source,
+                 input=[[B, 3, h, w] for h, w in stream], mode='train',
+                 optimizer=OPTIMIZER_NOTES['same'], cudnn_benchmark=autotune)
+            for name, label, path, cfg, source, autotune in configs
+        ], s['det_stream_reps'])
 
 
 OPTIMIZER_NOTES = dict(same='one AdamW group for every model',
@@ -366,9 +392,10 @@ OPTIMIZER_NOTES = dict(same='one AdamW group for every model',
 
 
 def train_steps(bench: Bench, model_cfg, scope: str, optim: str, path: str, peer_path: str,
-                data: dict, lr: float, weight_decay: float, autotune: bool):
-    """setup() for one training iteration of a whole model (``train_step``, AMP on a GPU)
-    with the same AdamW for every model (``optim='same'``) or its config's (``'own'``)."""
+                batches: list, lr: float, weight_decay: float, autotune: bool):
+    """setup() for training iterations of a whole model (``train_step``, AMP on a GPU), one
+    on each of ``batches`` a step, with the same AdamW for every model (``optim='same'``)
+    or its config's (``'own'``)."""
 
     def setup():
         model = build_toolbox_model(bench, model_cfg, scope).train()
@@ -376,7 +403,12 @@ def train_steps(bench: Bench, model_cfg, scope: str, optim: str, path: str, peer
             optim_wrapper = build_optim_wrapper(bench, model, lr, weight_decay)
         else:
             optim_wrapper = config_optim_wrapper(bench, model, path, peer_path, scope)
-        return with_cudnn(bench, autotune, lambda: model.train_step(data, optim_wrapper))
+
+        def step():
+            for data in batches:
+                model.train_step(data, optim_wrapper)
+
+        return with_cudnn(bench, autotune, step)
 
     return setup
 
@@ -419,8 +451,8 @@ def section_segmentor(bench: Bench, s: dict, args):
                 dict(key=f'segmentor/{key}/train_own_optim',
                      setup=train_steps(bench, variant_cfg, 'mmseg', 'own', path,
                                        SWIN_SEG_CONFIG,
-                                       seg_data(bench, (H, W), B, with_gt=True), 6e-5, 0.01,
-                                       autotune),
+                                       [seg_data(bench, (H, W), B, with_gt=True)], 6e-5,
+                                       0.01, autotune),
                      items=B, label=variant_label, config=source, input=[B, 3, H, W],
                      mode='train', count_kernels=True, optimizer=OPTIMIZER_NOTES['own'],
                      cudnn_benchmark=autotune)

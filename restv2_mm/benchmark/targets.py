@@ -71,14 +71,21 @@ def ratio_definitions(s: dict) -> List[dict]:
                 add(f'{section}/{train}/{kind}',
                     f'{model} train iteration ({optim}): ResTv2-T vs Swin-T, {kind}', kind,
                     f'{section}/restv2_t/{train}', f'{section}/swin_t/{train}')
+    for kind in ('time', 'memory'):
+        add(f'detector/train_stream/{kind}',
+            f'Mask R-CNN train, a stream of batch sizes (same optimizer): ResTv2-T vs Swin-T, '
+            f'{kind}', kind, 'detector/restv2_t/train_stream', 'detector/swin_t/train_stream')
     add('segmentor/predict/speed', 'UperNet predict: ResTv2-T vs Swin-T, FPS', 'speed',
         'segmentor/restv2_t/predict', 'segmentor/swin_t/predict')
     # the config's own setting of fast_training is one of the two; the other is switched
-    for fast, eager in (('restv2_t', 'restv2_t_eager'), ('restv2_t_fast_training', 'restv2_t')):
-        for kind in ('time', 'memory'):
-            add(f'segmentor/{fast}_vs_{eager}/train_own_optim/{kind}',
-                f'UperNet train iteration: fast_training vs without, {kind}', kind,
-                f'segmentor/{fast}/train_own_optim', f'segmentor/{eager}/train_own_optim')
+    for model, section, train in (('Mask R-CNN', 'detector', 'train'),
+                                  ('UperNet', 'segmentor', 'train_own_optim')):
+        for fast, eager in (('restv2_t', 'restv2_t_eager'),
+                            ('restv2_t_fast_training', 'restv2_t')):
+            for kind in ('time', 'memory'):
+                add(f'{section}/{fast}_vs_{eager}/{train}/{kind}',
+                    f'{model} train iteration: fast_training vs without, {kind}', kind,
+                    f'{section}/{fast}/{train}', f'{section}/{eager}/{train}')
     return r
 
 

@@ -12,8 +12,13 @@ Both share the same policy:
 
 - a new signature runs eagerly the first time (which also warms up cuDNN's autotuning, the
   half-weight copies and the window tables); the second time it is captured and replayed;
-- at most ``max_graphs`` signatures are kept, least recently used first out; all graphs of a
-  cache share one memory pool, so their intermediate buffers are reused across shapes;
+- at most ``max_graphs`` signatures are kept. Every call counts a sighting of its signature;
+  when the cache is full, a signature takes the place of the least-seen recorded one only
+  once it has been seen more often by a margin (a quarter), so a stream of many sizes keeps
+  its frequent ones recorded and its rare ones eager, and sizes about as frequent as each
+  other do not take turns being recorded. The counts start again when the graphs are
+  dropped (below). All graphs of a cache share one memory pool, so their intermediate
+  buffers are reused across shapes;
 - the outputs are copied out of the graph's buffers, so a later call never overwrites
   tensors a neck still holds;
 - when the state the graphs were captured with changes (see ``state_key``), every graph is
@@ -58,8 +63,8 @@ class _SignatureCache:
         self.max_graphs = max_graphs
         self.on_failure = on_failure
         self.arg_name = arg_name
-        self.graphs: 'OrderedDict[Signature, object]' = OrderedDict()
-        self.seen: 'OrderedDict[Signature, None]' = OrderedDict()  # ran once, eagerly
+        self.graphs: 'OrderedDict[Signature, object]' = OrderedDict()  # least recent first
+        self.sightings: Dict[Signature, int] = {}  # calls per signature since the last clear
         self.failed: Dict[Signature, str] = {}
         self.captures = 0  # how many graphs were recorded, for tests and reports
         self._pool = None
@@ -84,7 +89,7 @@ class _SignatureCache:
         """Drop every graph (their memory returns to the pool) and what was seen."""
         self._release()
         self.graphs.clear()
-        self.seen.clear()
+        self.sightings.clear()
         self.failed.clear()
         self._pool = None
 
@@ -102,16 +107,15 @@ class _SignatureCache:
             self.clear()
             self._state_key = state_key
         sig = (tuple(x.shape), x.dtype, x.device, _autocast_dtype(x.device.type))
+        seen = self._sight(sig)
         graph = self.graphs.get(sig)
         if graph is not None:
             self.graphs.move_to_end(sig)
             return graph(x)
-        if sig in self.failed or sig not in self.seen:
-            self._remember(sig)
+        if sig in self.failed or not self._admits(seen):
             return forward(x)
-        del self.seen[sig]
-        while len(self.graphs) >= self.max_graphs:
-            self.graphs.popitem(last=False)
+        if len(self.graphs) >= self.max_graphs:
+            del self.graphs[self._least_seen()]
         try:
             graph = self._record(forward, x)
         except Exception as e:  # noqa: BLE001  (any failure leaves the eager path in place)
@@ -126,13 +130,31 @@ class _SignatureCache:
         return graph(x)
 
     def _release(self):
-        """Before graphs are dropped: whatever of theirs is still in use gets its own memory."""
+        """When the graphs are dropped: what the cache keeps beside them goes too."""
 
-    def _remember(self, sig: Signature):
-        self.seen[sig] = None
-        self.seen.move_to_end(sig)
-        while len(self.seen) > 4 * self.max_graphs:
-            self.seen.popitem(last=False)
+    def _sight(self, sig: Signature) -> int:
+        """Counts one call of ``sig`` and returns its sightings so far. The counts of at most
+        ``16 * max_graphs`` signatures are kept: past that, the least-seen one that is not
+        recorded is forgotten."""
+        seen = self.sightings.get(sig, 0) + 1
+        self.sightings[sig] = seen
+        if seen == 1 and len(self.sightings) > 16 * self.max_graphs:
+            rest = (s for s in self.sightings if s not in self.graphs and s != sig)
+            del self.sightings[min(rest, key=self.sightings.__getitem__)]
+        return seen
+
+    def _least_seen(self) -> Signature:
+        """The recorded signature seen least often (of equals, the least recently used)."""
+        return min(self.graphs, key=self.sightings.__getitem__)
+
+    def _admits(self, seen: int) -> bool:
+        """Whether a signature seen ``seen`` times, not recorded, is recorded now."""
+        if seen < 2:
+            return False
+        if len(self.graphs) < self.max_graphs:
+            return True
+        least = self.sightings[self._least_seen()]
+        return seen > least + max(1, least // 4)
 
     def _graph(self, first: Optional[torch.cuda.CUDAGraph] = None):
         """A graph and the context that records into it, in this cache's pool."""
@@ -165,7 +187,7 @@ class GraphCache(_SignatureCache):
     buffers: an update in place (a training step) then drops the graphs too.
 
     Args:
-        max_graphs: signatures kept, least recently used first out.
+        max_graphs: signatures kept (see the module's policy).
         on_failure: called once with the exception when a recording first fails.
     """
 
@@ -182,12 +204,10 @@ class GraphCache(_SignatureCache):
 class _TrainGraph:
     """One captured training pass: the forward graph, the backward graph and their buffers.
 
-    The gradients of the parameters are the backward graph's own buffers, handed to autograd
-    as they are (no copy), so after the step each ``param.grad`` shares memory with them.
-    Those buffers may also serve the forward graph's intermediates (the pool reuses memory
-    freed during the recording), so the next forward replay of any graph of the cache first
-    moves every gradient still held that way into memory of its own: gradients kept across
-    steps (accumulation) are never overwritten.
+    The backward graph leaves the parameters' gradients in the cache's gradient buffers,
+    one set that every graph of the cache shares (see :class:`TrainGraphCache`). They are
+    handed to autograd as they are (no copy), so after the step each ``param.grad`` shares
+    memory with them.
     """
 
     def __init__(self, cache: 'TrainGraphCache', fwd: torch.cuda.CUDAGraph,
@@ -201,19 +221,10 @@ class _TrainGraph:
         self.static_grad_outs = static_grad_outs
         self.params: Tuple[torch.nn.Parameter, ...] = tuple(params)
         self.static_grads: Tuple[Optional[torch.Tensor], ...] = tuple(static_grads)
-        self._grad_ptrs = {g.data_ptr() for g in static_grads if g is not None}
         self.replays = 0  # forward replays; a backward must belong to the latest one
 
     def __call__(self, x: torch.Tensor):
         return _ReplayTrainGraph.apply(self, x, *self.params)
-
-    def release_held_grads(self):
-        """Give every ``param.grad`` that still shares this graph's gradient buffers memory
-        of its own, before a replay overwrites those buffers."""
-        for p in self.params:
-            g = p.grad
-            if g is not None and g.data_ptr() in self._grad_ptrs:
-                p.grad = g.clone()
 
 
 class _ReplayTrainGraph(torch.autograd.Function):
@@ -222,10 +233,7 @@ class _ReplayTrainGraph(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, entry: _TrainGraph, x: torch.Tensor, *params):
-        handed_out = entry.cache.grads_handed_out
-        if handed_out is not None:
-            handed_out.release_held_grads()
-            entry.cache.grads_handed_out = None
+        entry.cache.release_held_grads()  # the first recording's buffers overlap its forward
         entry.static_in.copy_(x)
         entry.fwd.replay()
         entry.replays += 1
@@ -250,12 +258,9 @@ class _ReplayTrainGraph(torch.autograd.Function):
         for static, grad in zip(entry.static_grad_outs, grads):
             if static is not None:
                 static.copy_(grad)
-        handed_out = entry.cache.grads_handed_out
-        if handed_out is not None:  # accumulating: the earlier gradients move out first
-            handed_out.release_held_grads()
+        entry.cache.release_held_grads()  # accumulating: the earlier gradients move out first
         entry.bwd.replay()
         entry.cache.open_backward = None
-        entry.cache.grads_handed_out = entry
         return (None, None) + tuple(None if g is None else g.detach()
                                     for g in entry.static_grads)
 
@@ -272,13 +277,23 @@ class TrainGraphCache(_SignatureCache):
     A forward that comes while the backward of an earlier replay is still to run (two
     forwards, then one backward of both) runs eagerly: the graph's buffers hold the first
     one's activations.
+
+    Memory: the first recording's backward leaves the parameters' gradients in its pool,
+    where they may share memory with its forward's activations; those tensors then serve
+    every later recording too, whose backward ends by copying its gradients into them, so a
+    size recorded later holds no gradients of its own. The gradients of the outputs are
+    read from the outputs' own memory where the backward does not read that memory. As any
+    replay may overwrite the gradient buffers, a ``param.grad`` still sharing them when the
+    next one starts (gradients accumulated over steps) first moves to memory of its own.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.open_backward: Optional[weakref.ref] = None  # the latest replay, until its backward
-        self.grads_handed_out: Optional[_TrainGraph] = None  # whose buffers param.grad may be
         self._params: Sequence[torch.nn.Parameter] = ()
+        # the gradients every backward graph writes: one per parameter that requires one
+        self.grad_buffers: Dict[int, torch.Tensor] = {}
+        self._grad_ptrs: set = set()
 
     def __call__(self, forward, x: torch.Tensor, state_key,
                  params: Sequence[torch.nn.Parameter] = ()) -> tuple:
@@ -290,27 +305,69 @@ class TrainGraphCache(_SignatureCache):
         self._params = params
         return super().__call__(forward, x, state_key)
 
+    def release_held_grads(self):
+        """Give every ``param.grad`` that still shares the gradient buffers memory of its
+        own, before a replay overwrites them (gradients kept across steps: accumulation)."""
+        if not self._grad_ptrs:
+            return
+        for p in self._params:
+            g = p.grad
+            if g is not None and g.data_ptr() in self._grad_ptrs:
+                p.grad = g.clone()
+
     def _release(self):
-        if self.grads_handed_out is not None:
-            self.grads_handed_out.release_held_grads()
-            self.grads_handed_out = None
+        # a gradient still held keeps its buffer alive; the next recording makes new ones
+        self.grad_buffers = {}
+        self._grad_ptrs = set()
 
     def _record(self, forward, x: torch.Tensor) -> _TrainGraph:
-        params: List[torch.nn.Parameter] = [p for p in self._params if p.requires_grad]
+        indexed = [(i, p) for i, p in enumerate(self._params) if p.requires_grad]
+        params = [p for _, p in indexed]
         static_in = x.detach().clone()
+        saved = set()  # storages the forward keeps for its backward
+
+        def pack(t):
+            saved.add(t.untyped_storage().data_ptr())
+            return t
+
         fwd, recording = self._graph()
-        with _no_autocast_cache(x), recording:
+        with _no_autocast_cache(x), recording, \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             static_outs = tuple(forward(static_in))
-        # the backward runs outside autocast, as mmengine's optimizer wrappers run it
-        static_grad_outs = tuple(torch.empty_like(o) if o.requires_grad else None
-                                 for o in static_outs)
+        # The gradients of the outputs arrive in the outputs' own memory where the backward
+        # does not read that memory (a replay's outputs are copied out at once); the
+        # backward runs outside autocast, as mmengine's optimizer wrappers run it.
+        static_grad_outs = tuple(self._grad_out_buffer(o, saved) for o in static_outs)
         bwd, recording = self._graph(first=fwd)
         with recording:
-            static_grads = torch.autograd.grad(
+            grads = torch.autograd.grad(
                 [o for o in static_outs if o.requires_grad],
                 params, [g for g in static_grad_outs if g is not None], allow_unused=True)
+            # later sizes copy into the buffers of the first recording
+            shared = [(self.grad_buffers[i], g) for (i, _), g in zip(indexed, grads)
+                      if g is not None and i in self.grad_buffers]
+            if shared:
+                torch._foreach_copy_([b for b, _ in shared], [g for _, g in shared])
+        for (i, _), g in zip(indexed, grads):
+            if g is not None and i not in self.grad_buffers:
+                self.grad_buffers[i] = g
+                self._grad_ptrs.add(g.data_ptr())
+        static_grads = [None if g is None else self.grad_buffers[i]
+                        for (i, _), g in zip(indexed, grads)]
+        del grads, shared
         if self._pool is None:
             self._pool = fwd.pool()
         static_outs = tuple(o.detach() for o in static_outs)
+        static_grad_outs = tuple(None if g is None else g.detach() for g in static_grad_outs)
         return _TrainGraph(self, fwd, bwd, static_in, static_outs, static_grad_outs, params,
                            static_grads)
+
+    @staticmethod
+    def _grad_out_buffer(out: torch.Tensor, saved: set) -> Optional[torch.Tensor]:
+        """Where the backward graph reads the gradient of ``out``: ``out``'s own memory when
+        the backward does not read it, else a buffer of its own; None without a gradient."""
+        if not out.requires_grad:
+            return None
+        if out.untyped_storage().data_ptr() in saved:
+            return torch.empty_like(out)
+        return out

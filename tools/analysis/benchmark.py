@@ -21,9 +21,12 @@ Sections (``--sections``, comma separated; default all):
   and 2400 x 4032 (batch 1), drawn as latency per image against input size (``--out-plot``).
 - ``detector``: Mask R-CNN ResTv2-T against mmdet's Mask R-CNN Swin-T: predict at 800 x 1344
   (batch 1, fp16) and one AMP training iteration at batch 2 with peak memory, with the same
-  AdamW for both and with each config's own optimizer set-up. Also the predict of ResTv2-T's
-  model with the backbone's features computed once: the neck, heads and post-processing
-  alone, the time no backbone can take away.
+  AdamW for both and with each config's own optimizer set-up (with the same AdamW, ResTv2-T's
+  also with the backbone's ``fast_training`` the other way round from its config); the same
+  training over a stream of batches in several padded sizes, as a COCO epoch brings them
+  (a step is one pass over the stream). Also the predict of ResTv2-T's model with the
+  backbone's features computed once: the neck, heads and post-processing alone, the time no
+  backbone can take away.
 - ``segmentor``: UperNet ResTv2-T against mmseg's UperNet Swin-T: predict at 512 x 512, and
   one AMP training iteration at batch 4 with each config's own optimizer set-up; ResTv2-T's
   also with the backbone's ``fast_training`` the other way round from its config.
