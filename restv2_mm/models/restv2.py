@@ -352,19 +352,20 @@ class ResTv2(BaseModule):
             fails warns once and stays eager. See :mod:`restv2_mm.models.cuda_graphs`.
             Default: True.
         graph_cache_size (int): input signatures whose graphs are kept by
-            ``fast_inference``, least recently used first out. Default: 16.
+            ``fast_inference``; when full, the frequent ones stay (see
+            :mod:`restv2_mm.models.cuda_graphs`). Default: 16.
         fast_training (bool): on a CUDA input, in train mode with gradients, replay the
             forward and its backward as two CUDA graphs recorded for that input's signature
             (as ``fast_inference``: eager the first time, recorded the second). For inputs
-            of one size, as segmentation's fixed crops; with many sizes (detection) most
-            calls would run eagerly. Each recorded size keeps its own gradient buffers
-            (4 bytes a parameter); all sizes share one pool for the activations. Gradients
+            of one size, as segmentation's fixed crops, or of a few frequent sizes, as
+            detection's padded batches (the rarer sizes run eagerly). All recorded sizes
+            share one set of gradient buffers and one pool for the activations. Gradients
             reach the parameters as autograd's would (accumulation included); drop path
             draws new samples at every replay. ``with_cp``, hooks on any submodule,
             SyncBN, inputs that require gradients and a second forward before the first's
             backward run eagerly. See :mod:`restv2_mm.models.cuda_graphs`. Default: False.
         train_graph_cache_size (int): input signatures whose graphs are kept by
-            ``fast_training``, least recently used first out. Default: 4.
+            ``fast_training``; when full, the frequent ones stay. Default: 4.
         init_cfg (dict, optional): e.g. ``dict(type='Pretrained', checkpoint=PATH)``; the
             authors' ImageNet files load as they are (see :meth:`init_weights`).
 
