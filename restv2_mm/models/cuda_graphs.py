@@ -28,7 +28,7 @@ Both share the same policy:
 """
 import weakref
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -363,11 +363,14 @@ class TrainGraphCache(_SignatureCache):
                            static_grads)
 
     @staticmethod
-    def _grad_out_buffer(out: torch.Tensor, saved: set) -> Optional[torch.Tensor]:
+    def _grad_out_buffer(out: torch.Tensor, taken: set) -> Optional[torch.Tensor]:
         """Where the backward graph reads the gradient of ``out``: ``out``'s own memory when
-        the backward does not read it, else a buffer of its own; None without a gradient."""
+        neither the backward nor another output's gradient uses it (``taken``: the storages
+        in use, which this adds to), else a buffer of its own; None without a gradient."""
         if not out.requires_grad:
             return None
-        if out.untyped_storage().data_ptr() in saved:
+        storage = out.untyped_storage().data_ptr()
+        if storage in taken:
             return torch.empty_like(out)
+        taken.add(storage)
         return out
