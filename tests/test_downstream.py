@@ -364,6 +364,7 @@ def test_a_bad_backbone_argument_fails_before_the_model_is_built(tmp_path, monke
     monkeypatch.chdir(tmp_path)  # no data here either: the backbone is checked first
     code, out = _call(train_tool.main, [SEG_TOY, '--cfg-options', option], capsys)
     assert code != 0 and text in out and 'model.backbone' in out and 'MISSING' not in out
+    assert '. Fix it in the config' in out and '.. Fix' not in out  # the reason, then the fix
     torch.save({'state_dict': {}}, tmp_path / 'model.pth')
     code, out = _call(test_tool.main, [DET_TOY, 'model.pth', '--cfg-options', option], capsys)
     assert code != 0 and text in out

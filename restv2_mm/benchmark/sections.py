@@ -26,8 +26,9 @@ FULL = dict(
     style_sizes=((800, 1344, 2), (1600, 2688, 1), (2400, 4032, 1)),
     style_reps=((10, 30), (4, 12), (3, 8)),
     det_size=(800, 1344), det_train_batch=2, det_predict_reps=(10, 30), det_train_reps=(4, 12),
-    # COCO's padded batch sizes under the 1x pipeline (long side 1333, short side 800, pads to
-    # 32, batches of one orientation): 4:3 and 3:2 images, landscape and portrait, and a wide one
+    # padded batch sizes that mmdet's 1x pipeline (long side 1333, short side 800, pads to 32,
+    # batches of one orientation) gives 3:2 and 4:3 images, landscape and portrait, and a wider
+    # one; the mix is a stand-in, not COCO's measured frequencies
     det_stream=((800, 1216), (800, 1088), (800, 1216), (1216, 800), (800, 1088), (800, 1344)),
     det_stream_reps=(1, 2),  # whole passes over the stream
     seg_size=(512, 512), seg_train_batch=4, seg_predict_reps=(10, 30), seg_train_reps=(4, 12),
@@ -371,7 +372,7 @@ def section_detector(bench: Bench, s: dict, args):
                     for key, variant_label, variant_cfg in variants]
             bench.measure_side_by_side(train, s['det_train_reps'])
 
-        # a step is one pass over batches of several padded sizes, as a COCO epoch brings them
+        # a step is one pass over batches of several padded sizes, as detection training has
         stream = s['det_stream']
         batches = [det_data(bench, size, B, with_gt=True, seed=i) for i, size in
                    enumerate(stream)]

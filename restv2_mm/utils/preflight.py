@@ -170,8 +170,9 @@ def check_backbone(cfg) -> None:
         with torch.device('meta'):
             ResTv2(**{k: v for k, v in backbone.items() if k != 'type'})
     except (ValueError, TypeError) as e:
-        raise ToolError(f'model.backbone: {e} Fix it in the config or with --cfg-options '
-                        f'model.backbone.<argument>=...') from None
+        reason = str(e).rstrip('.')
+        raise ToolError(f'model.backbone: {reason}. Fix it in the config or with '
+                        f'--cfg-options model.backbone.<argument>=...') from None
 
 
 def check_checkpoint(path: str, what: str = 'checkpoint') -> None:

@@ -23,8 +23,8 @@ Sections (``--sections``, comma separated; default all):
   (batch 1, fp16) and one AMP training iteration at batch 2 with peak memory, with the same
   AdamW for both and with each config's own optimizer set-up (with the same AdamW, ResTv2-T's
   also with the backbone's ``fast_training`` the other way round from its config); the same
-  training over a stream of batches in several padded sizes, as a COCO epoch brings them
-  (a step is one pass over the stream). Also the predict of ResTv2-T's model with the
+  training over a stream of batches in several padded sizes, as detection training meets
+  them (a step is one pass over the stream). Also the predict of ResTv2-T's model with the
   backbone's features computed once: the neck, heads and post-processing alone, the time no
   backbone can take away.
 - ``segmentor``: UperNet ResTv2-T against mmseg's UperNet Swin-T: predict at 512 x 512, and
