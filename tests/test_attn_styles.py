@@ -204,3 +204,43 @@ def test_windows_train_after_a_first_forward_under_inference_mode():
     outs = model.train()(x)
     sum(o.sum() for o in outs).backward()
     assert model.stage1[0].attn.q.weight.grad is not None
+
+
+def test_window_tables_are_cached_per_size_least_recently_used_first():
+    from restv2_mm.models import windows
+    cache = windows._Tables(2)
+    made = []
+
+    def maker(key):
+        return lambda: made.append(key) or (torch.arange(3), )
+
+    a = cache.get(('a', ), maker('a'))
+    assert cache.get(('a', ), maker('a')) is a and made == ['a']
+    cache.get(('b', ), maker('b'))
+    cache.get(('a', ), maker('a'))  # a is now the most recently used
+    cache.get(('c', ), maker('c'))  # b goes
+    assert list(cache.entries) == [('a', ), ('c', )] and made == ['a', 'b', 'c']
+
+
+def test_a_recording_reads_cached_tables_and_keeps_them():
+    """What a CUDA graph being recorded gets: the cached tables, collected for the graph to
+    keep; tables not cached (or no one to keep them) are built as ops of the graph and do
+    not enter the cache, since a recording's ops run only at replay."""
+    from restv2_mm.models import windows
+    cache = windows._Tables(4)
+    cached = cache.get(('x', ), lambda: (torch.arange(3), ))
+    fresh = []
+
+    def make():
+        fresh.append(1)
+        return (torch.arange(5), )
+
+    with windows.keep_tables_read() as kept:
+        assert windows._while_capturing(cache, ('x', ), make) is cached
+        assert windows._while_capturing(cache, ('y', ), make) is not None
+        with windows.keep_tables_read() as inner:  # nested: the inner recording's own list
+            windows._while_capturing(cache, ('x', ), make)
+    assert kept == [cached] and inner == [cached] and fresh == [1]
+    assert ('y', ) not in cache.entries
+    windows._while_capturing(cache, ('x', ), make)  # no recording keeps it: built afresh
+    assert fresh == [1, 1] and windows._kept is None

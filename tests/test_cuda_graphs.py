@@ -115,3 +115,12 @@ def test_bad_sizes_name_their_argument_and_copies_start_empty():
     again = pickle.loads(pickle.dumps(TrainGraphCache(3, arg_name='train_graph_cache_size')))
     assert len(again) == 0 and again.max_graphs == 3
     assert again.arg_name == 'train_graph_cache_size' and again.open_backward is None
+
+
+def test_copies_keep_what_recordings_hold_on_to():
+    from restv2_mm.models.windows import keep_tables_read
+    cache = GraphCache(2, keep=keep_tables_read)
+    for again in (pickle.loads(pickle.dumps(cache)), __import__('copy').deepcopy(cache)):
+        assert again.keep is keep_tables_read and len(again) == 0
+    with GraphCache(2)._keeping() as kept:  # without ``keep``: nothing to hold
+        assert kept == []

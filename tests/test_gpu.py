@@ -294,6 +294,79 @@ def test_layer_norm_layer_uses_triton_only_without_autograd():
             x, (96, ), norm.weight, norm.bias, 1e-6), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.float32])
+@pytest.mark.parametrize('B,C,heads,H,W,window', [(2, 96, 1, 200, 336, 64),
+                                                  (1, 384, 4, 50, 84, 16),
+                                                  (2, 768, 8, 25, 42, 8), (1, 40, 5, 3, 2, 7)])
+def test_triton_window_copies_equal_the_tables_gathers(dtype, B, C, heads, H, W, window):
+    from restv2_mm.models import fast_windows
+    from restv2_mm.models.windows import window_layout
+    assert fast_windows.available()
+    x = torch.randn(B, H * W, C, device='cuda').to(dtype)
+    gather, scatter, _ = window_layout(H, W, window, x.device)
+    windowed = x.index_select(1, gather).view(-1, window * window, C)
+    assert torch.equal(fast_windows.to_windows(x, H, W, window), windowed)
+    # the attention's output as SDPA lays it out, and contiguous
+    out = torch.randn(windowed.shape[0], window * window, heads, C // heads, device='cuda')
+    for out in (out.to(dtype).transpose(1, 2), out.to(dtype).transpose(1, 2).contiguous()):
+        ref = out.transpose(1, 2).reshape(B, -1, C).index_select(1, scatter)
+        assert torch.equal(fast_windows.from_windows(out, B, H, W, window), ref)
+
+
+@pytest.mark.parametrize('style', ['win', 'cwin', 'hwin'])
+def test_window_styles_give_the_same_result_with_the_triton_copies(style):
+    from restv2_mm.models import fast_windows
+    model = cuda_model(attn_style=style, window_size=(16, 8, 4, 2), fast_inference=False)
+    x = torch.rand(2, 3, 225, 301, device='cuda')
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):
+        assert fast_windows.can_use(x)
+        fast = model(x)
+        can_use, fast_windows.can_use = fast_windows.can_use, lambda *a: False
+        try:
+            ref = model(x)
+        finally:
+            fast_windows.can_use = can_use
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('style', ['win', 'cwin'])
+def test_graphs_keep_the_window_tables_they_read(style):
+    """A graph reads the cached window tables (none are built at each replay) and keeps
+    them: emptying the caches and filling the freed memory leaves its results right. In
+    inference only the key masks are tables; queries and keys are laid out by copies."""
+    from restv2_mm.models import windows
+    fast, eager = fast_and_eager(attn_style=style, window_size=(16, 8, 4, 2))
+    x = torch.rand(2, 3, 200, 264, device='cuda')  # reduced maps of 7 x 9: keys padded
+    run3(fast, x)
+    (graph, ) = fast._graphs.graphs.values()
+    stage1_keys = windows._KEY_MASKS.entries[(2, 7, 9, 2, torch.device('cuda', 0))]
+    assert any(mask is stage1_keys for mask in graph.kept)
+    windows._LAYOUTS.clear()
+    windows._KEY_MASKS.clear()
+    junk = [torch.full((1 << 20, ), -1, dtype=torch.int64, device='cuda') for _ in range(8)]
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.float16):
+        outs = fast(x)
+        ref = eager(x)
+    del junk
+    assert fast._graphs.captures == 1
+    for a, b in zip(outs, ref):
+        assert rel_err(a, b) < 5e-3
+
+
+def test_training_graphs_keep_the_window_tables_they_read():
+    from restv2_mm.models import windows
+    model = cuda_model(attn_style='win', window_size=(16, 8, 4, 2), fast_training=True)
+    model.train()
+    x = torch.rand(2, 3, 200, 264, device='cuda')
+    for _ in range(3):
+        train_step(model, x, amp=True)
+    assert model._train_graphs.captures == 1
+    (graph, ) = model._train_graphs.graphs.values()
+    stage1 = windows._LAYOUTS.entries[(50, 66, 16, torch.device('cuda', 0))]
+    assert any(tables is stage1 for tables in graph.kept)
+
+
 # ------------------------------------------------------------------ fast_training (graphs)
 def graph_and_eager_trainers(**kwargs):
     """Two identical models in train mode, one replaying training passes as CUDA graphs."""

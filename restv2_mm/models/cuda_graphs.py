@@ -26,9 +26,10 @@ Both share the same policy:
   stale capture;
 - a capture that fails logs one warning and leaves that signature on the eager path.
 """
+import contextlib
 import weakref
 from collections import OrderedDict
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,13 +57,15 @@ class _SignatureCache:
     def __init__(self,
                  max_graphs: int = 16,
                  on_failure: Optional[Callable[[Exception], None]] = None,
-                 arg_name: str = 'graph_cache_size'):
+                 arg_name: str = 'graph_cache_size',
+                 keep: Optional[Callable[[], ContextManager[List]]] = None):
         if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
             raise ValueError(f'{arg_name}={max_graphs!r} must be a positive int: the '
                              f'number of input sizes whose CUDA graphs are kept.')
         self.max_graphs = max_graphs
         self.on_failure = on_failure
         self.arg_name = arg_name
+        self.keep = keep
         self.graphs: 'OrderedDict[Signature, object]' = OrderedDict()  # least recent first
         self.sightings: Dict[Signature, int] = {}  # calls per signature since the last clear
         self.failed: Dict[Signature, str] = {}
@@ -73,11 +76,11 @@ class _SignatureCache:
 
     # A model that holds a cache is still deep-copyable and picklable: the copy starts empty.
     def __deepcopy__(self, memo):
-        return type(self)(self.max_graphs, self.on_failure, self.arg_name)
+        return type(self)(self.max_graphs, self.on_failure, self.arg_name, self.keep)
 
     def __getstate__(self):
         return dict(max_graphs=self.max_graphs, on_failure=self.on_failure,
-                    arg_name=self.arg_name)
+                    arg_name=self.arg_name, keep=self.keep)
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -163,6 +166,11 @@ class _SignatureCache:
         # thread_local: a data loader's pin-memory thread may touch CUDA meanwhile
         return graph, torch.cuda.graph(graph, pool=pool, capture_error_mode='thread_local')
 
+    def _keeping(self) -> ContextManager[List]:
+        """Around a recording: yields a list of what the graph reads besides its own
+        buffers (``keep``'s, e.g. cached index tables), which the graph's entry holds."""
+        return contextlib.nullcontext([]) if self.keep is None else self.keep()
+
     def _record(self, forward, x: torch.Tensor):
         raise NotImplementedError
 
@@ -170,10 +178,12 @@ class _SignatureCache:
 class _Graph:
     """One captured forward: its input buffer, graph and output buffers."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, static_in: torch.Tensor, static_out):
+    def __init__(self, graph: torch.cuda.CUDAGraph, static_in: torch.Tensor, static_out,
+                 kept: List):
         self.graph = graph
         self.static_in = static_in
         self.static_out = static_out
+        self.kept = kept  # tensors the graph reads that live outside its pool
 
     def __call__(self, x: torch.Tensor):
         self.static_in.copy_(x)
@@ -194,11 +204,11 @@ class GraphCache(_SignatureCache):
     def _record(self, forward, x: torch.Tensor) -> _Graph:
         static_in = x.clone()
         graph, recording = self._graph()
-        with _no_autocast_cache(x), recording:
+        with _no_autocast_cache(x), self._keeping() as kept, recording:
             static_out = forward(static_in)
         if self._pool is None:
             self._pool = graph.pool()
-        return _Graph(graph, static_in, tuple(static_out))
+        return _Graph(graph, static_in, tuple(static_out), kept)
 
 
 class _TrainGraph:
@@ -213,7 +223,7 @@ class _TrainGraph:
     def __init__(self, cache: 'TrainGraphCache', fwd: torch.cuda.CUDAGraph,
                  bwd: torch.cuda.CUDAGraph, static_in: torch.Tensor,
                  static_outs: Tuple[torch.Tensor, ...], static_grad_outs, params,
-                 static_grads):
+                 static_grads, kept: List):
         self.cache = cache
         self.fwd, self.bwd = fwd, bwd
         self.static_in = static_in
@@ -222,6 +232,7 @@ class _TrainGraph:
         self.params: Tuple[torch.nn.Parameter, ...] = tuple(params)
         self.static_grads: Tuple[Optional[torch.Tensor], ...] = tuple(static_grads)
         self.replays = 0  # forward replays; a backward must belong to the latest one
+        self.kept = kept  # tensors the graphs read that live outside their pool
 
     def __call__(self, x: torch.Tensor):
         return _ReplayTrainGraph.apply(self, x, *self.params)
@@ -331,7 +342,7 @@ class TrainGraphCache(_SignatureCache):
             return t
 
         fwd, recording = self._graph()
-        with _no_autocast_cache(x), recording, \
+        with self._keeping() as kept, _no_autocast_cache(x), recording, \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             static_outs = tuple(forward(static_in))
         # The gradients of the outputs arrive in the outputs' own memory where the backward
@@ -360,7 +371,7 @@ class TrainGraphCache(_SignatureCache):
         static_outs = tuple(o.detach() for o in static_outs)
         static_grad_outs = tuple(None if g is None else g.detach() for g in static_grad_outs)
         return _TrainGraph(self, fwd, bwd, static_in, static_outs, static_grad_outs, params,
-                           static_grads)
+                           static_grads, kept)
 
     @staticmethod
     def _grad_out_buffer(out: torch.Tensor, taken: set) -> Optional[torch.Tensor]:

@@ -8,8 +8,9 @@ The layers are plain ``torch.nn`` modules with the parameter names of the author
 checkpoints, so those files load unchanged. Besides the default ``'global'`` attention, the
 backbone offers the window styles the paper measures for detection (Table 3): ``'win'``,
 ``'cwin'`` and ``'hwin'``. The speed machinery lives beside this file: the attention kernels
-(``attention.py``), the window index tables (``windows.py``) and the layers that reuse half
-weights under autocast (``half_weights.py``).
+(``attention.py``), the window index tables (``windows.py``), the layers that reuse half
+weights under autocast (``half_weights.py``) and Triton kernels for inference
+(``fast_norm.py``, ``fast_windows.py``).
 """
 import functools
 import logging
@@ -24,10 +25,11 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from .attention import ATTENTION_KERNELS, ATTN_IMPLS
+from . import fast_windows
 from .cuda_graphs import GraphCache, TrainGraphCache
 from .gelu_recompute import linear_gelu_linear
 from .half_weights import Conv2d, LayerNorm, Linear, autocast_dtype, shared_half_copies
-from .windows import recording_graph, window_key_mask, window_layout
+from .windows import keep_tables_read, recording_graph, window_key_mask, window_layout
 
 ATTN_STYLES = ('global', 'win', 'cwin', 'hwin')
 MIN_INPUT_SIZE = 32
@@ -257,13 +259,21 @@ class EMSAv2(nn.Module):
     def _window_attention(self, q, kv, H, W, Hr, Wr):
         B, _, C = q.shape
         ws, wr = self.window_size, self.window_size // self.sr_ratio
-        q_gather, q_scatter, _ = window_layout(H, W, ws, q.device)
-        kv_gather = window_layout(Hr, Wr, wr, q.device)[0]
         # B, N, C -> B * nW, ws * ws, C; the reduced map in the same windows, wr * wr cells each
-        qw = q.index_select(1, q_gather).view(-1, ws * ws, C)
-        kw, vw = kv.index_select(1, kv_gather).view(-1, wr * wr, 2 * C).chunk(2, dim=-1)
+        fast = fast_windows.can_use(q, kv)  # CUDA inference: Triton copies
+        if fast:
+            qw = fast_windows.to_windows(q, H, W, ws)
+            kvw = fast_windows.to_windows(kv, Hr, Wr, wr)
+        else:
+            q_gather, q_scatter, _ = window_layout(H, W, ws, q.device)
+            kv_gather = window_layout(Hr, Wr, wr, q.device)[0]
+            qw = q.index_select(1, q_gather).view(-1, ws * ws, C)
+            kvw = kv.index_select(1, kv_gather).view(-1, wr * wr, 2 * C)
+        kw, vw = kvw.chunk(2, dim=-1)
         key_mask = window_key_mask(B, Hr, Wr, wr, q.device)
         out = self.attend(self._heads(qw), self._heads(kw), self._heads(vw), key_mask)
+        if fast:
+            return fast_windows.from_windows(out, B, H, W, ws)
         out = out.transpose(1, 2).reshape(B, -1, C)  # B * nW, h, S, d -> B, nW * S, C
         return out.index_select(1, q_scatter)  # padding cells dropped
 
@@ -453,10 +463,11 @@ class ResTv2(BaseModule):
         self.fast_inference = fast_inference
         self.fast_training = fast_training
         self._graphs = GraphCache(
-            graph_cache_size, on_failure=functools.partial(_warn_no_graph, 'fast_inference'))
+            graph_cache_size, on_failure=functools.partial(_warn_no_graph, 'fast_inference'),
+            keep=keep_tables_read)
         self._train_graphs = TrainGraphCache(
             train_graph_cache_size, arg_name='train_graph_cache_size',
-            on_failure=functools.partial(_warn_no_graph, 'fast_training'))
+            on_failure=functools.partial(_warn_no_graph, 'fast_training'), keep=keep_tables_read)
         self._state_tensors: Optional[List[torch.Tensor]] = None  # see _tracked_tensors
         self._num_params = 0
 

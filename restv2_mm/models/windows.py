@@ -2,15 +2,20 @@
 
 A token map is laid out in windows by one gather of its tokens and put back by one more;
 padding to whole windows lives only in these index tables, which are cached per map size.
-Two kinds of recording build them afresh instead, as ops of what is recorded:
+Recordings treat them in two ways:
 
-- a CUDA graph (``fast_inference``): the graph then owns the tables, and no cache eviction
-  can free memory it reads;
+- a CUDA graph (``fast_inference``, ``fast_training``) reads the cached tables, made by the
+  eager pass that comes before every recording; the tables it reads are collected while it
+  is recorded (:func:`keep_tables_read`) and kept with the graph, so the cache dropping
+  them cannot free memory the graph reads. Built inside the graph instead, they would cost
+  about 40 small kernels a window block at every replay;
 - an export or compilation (ONNX, torch.export, torch.compile, jit.trace), where sizes may
-  be symbolic: the exported model then works for any batch and map size.
+  be symbolic, builds them afresh as ops of what is recorded: the exported model then
+  works for any batch and map size.
 """
-import functools
-from typing import Optional, Tuple
+import contextlib
+from collections import OrderedDict
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -28,6 +33,60 @@ def _capturing(device) -> bool:
     return torch.device(device).type == 'cuda' and torch.cuda.is_current_stream_capturing()
 
 
+class _Tables:
+    """Tables per key, at most ``size`` of them, the least recently used dropped first.
+    They are made as normal tensors even under inference_mode: a training step may use
+    them next."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: 'OrderedDict[tuple, object]' = OrderedDict()
+
+    def get(self, key: tuple, make: Callable[[], object]):
+        tables = self.entries.get(key)
+        if tables is None:
+            with torch.inference_mode(False):
+                tables = make()
+            self.entries[key] = tables
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+        return tables
+
+    def clear(self):
+        self.entries.clear()
+
+
+_LAYOUTS = _Tables(128)
+_KEY_MASKS = _Tables(64)
+_kept: Optional[List] = None  # while a CUDA graph is recorded: the cached tables it reads
+
+
+@contextlib.contextmanager
+def keep_tables_read() -> Iterator[List]:
+    """Around the recording of a CUDA graph: yields the list of the cached tables the graph
+    reads. Whoever keeps the graph keeps the list. Without this, a recording builds the
+    tables as ops of the graph."""
+    global _kept
+    outer, _kept = _kept, []
+    try:
+        yield _kept
+    finally:
+        _kept = outer
+
+
+def _while_capturing(cache: _Tables, key: tuple, make: Callable[[], object]):
+    """Tables for a CUDA graph being recorded: the cached ones, kept by the graph, where
+    the eager pass before the recording made them; else made as ops of the graph (a
+    recording cannot fill the cache: its ops run only when the graph replays)."""
+    tables = cache.entries.get(key)
+    if tables is None or _kept is None:
+        return make()
+    _kept.append(tables)
+    return tables
+
+
 def window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
     """How an H x W token map (row-major tokens) is laid out in window x window windows.
 
@@ -38,18 +97,17 @@ def window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ..
     - scatter (H * W,): where each token sits in the windowed layout (the reverse);
     - real (nW, window * window), bool: False for padding cells.
 
-    The tables are cached, so they are made as normal tensors even under inference_mode:
-    a training step may use them next. While a graph is recorded they are ops of that graph.
+    Cached per size (see the module's notes on recordings).
     """
-    if recording_graph(H, W) or _capturing(device):
+    def make():
         return _window_layout(H, W, window, device)
-    return _cached_window_layout(H, W, window, device)
 
-
-@functools.lru_cache(maxsize=128)
-def _cached_window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
-    with torch.inference_mode(False):
-        return _window_layout(H, W, window, device)
+    if recording_graph(H, W):
+        return make()
+    key = (H, W, window, torch.device(device))
+    if _capturing(device):
+        return _while_capturing(_LAYOUTS, key, make)
+    return _LAYOUTS.get(key, make)
 
 
 def _window_layout(H: int, W: int, window: int, device) -> Tuple[torch.Tensor, ...]:
@@ -79,16 +137,14 @@ def window_key_mask(B: int, H: int, W: int, window: int, device) -> Optional[tor
         return _key_mask(B, _window_layout(H, W, window, device)[2])
     if H % window == 0 and W % window == 0:
         return None
-    if _capturing(device):
+
+    def make():
         return _key_mask(B, window_layout(H, W, window, device)[2])
-    return _cached_key_mask(B, H, W, window, device)
 
-
-@functools.lru_cache(maxsize=64)
-def _cached_key_mask(B: int, H: int, W: int, window: int, device) -> torch.Tensor:
-    real = window_layout(H, W, window, device)[2]
-    with torch.inference_mode(False):
-        return _key_mask(B, real)
+    key = (B, H, W, window, torch.device(device))
+    if _capturing(device):
+        return _while_capturing(_KEY_MASKS, key, make)
+    return _KEY_MASKS.get(key, make)
 
 
 def _key_mask(B: int, real: torch.Tensor) -> torch.Tensor:
