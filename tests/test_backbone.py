@@ -512,3 +512,17 @@ def test_drop_path_residual_adds_the_same_as_drop_path():
     assert 10 < sum(kept) < 54  # whole samples dropped, about half of them
     dp.eval()
     assert torch.equal(dp.residual(x, branch), x + branch)
+
+
+def test_fast_training_leaves_several_processes_eager_and_says_so_once(monkeypatch):
+    import torch.distributed as dist
+
+    from restv2_mm.models import restv2
+    model = ResTv2('tiny', fast_training=True)
+    assert not model._trains_in_processes()
+    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dist, 'get_world_size', lambda *a: 2)
+    logged = []
+    monkeypatch.setattr(restv2, 'print_log', lambda msg, *a, **k: logged.append(msg))
+    assert model._trains_in_processes() and model._trains_in_processes()
+    assert len(logged) == 1 and 'training runs in 2 processes' in logged[0]

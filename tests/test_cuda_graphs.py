@@ -78,12 +78,16 @@ def test_a_full_cache_keeps_the_frequent_sizes_and_leaves_the_rare_ones_eager(ca
 
 @pytest.mark.parametrize('cache_type', [GraphCache, TrainGraphCache])
 def test_a_failed_recording_warns_once_and_stays_eager(cache_type, monkeypatch):
+    from restv2_mm.models import cuda_graphs
     monkeypatch.setattr(torch.cuda, 'synchronize', lambda *args: None)
+    ended = []  # the random-number generator's recording state is ended after a failure
+    monkeypatch.setattr(cuda_graphs, '_end_random_state_recording', ended.append)
     warnings = []
     cache = stand_in(cache_type, on_failure=warnings.append)
     x = torch.zeros(1, 3, 13, 13)
     for _ in range(4):
         assert cache(eager, x, 'state')[0] == 'eager'
+    assert ended == [x.device]
     assert len(warnings) == 1 and 'capturing' in str(warnings[0])
     assert cache.captures == 0 and 'capturing' in cache.failed[((1, 3, 13, 13), torch.float32,
                                                                  x.device, None)]

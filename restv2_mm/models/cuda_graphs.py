@@ -50,6 +50,19 @@ def _no_autocast_cache(x: torch.Tensor):
                           enabled=dtype is not None, cache_enabled=False)
 
 
+def _end_random_state_recording(device: torch.device):
+    """A recording that fails part-way leaves the device's random-number generator in its
+    recording state, and the next random op outside a recording (a head's dropout) raises.
+    Recording one small op to completion ends that state."""
+    if device.type != 'cuda':
+        return
+    with torch.cuda.device(device):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            torch.zeros(1, device=device)
+    torch.cuda.synchronize(device)
+
+
 class _SignatureCache:
     """What both caches share: signatures, the capture-on-second-sight policy, eviction,
     the shared pool, failures and the state key."""
@@ -124,6 +137,7 @@ class _SignatureCache:
         except Exception as e:  # noqa: BLE001  (any failure leaves the eager path in place)
             self.failed[sig] = f'{type(e).__name__}: {e}'
             torch.cuda.synchronize(x.device)
+            _end_random_state_recording(x.device)
             if not self._warned and self.on_failure is not None:
                 self._warned = True
                 self.on_failure(e)
