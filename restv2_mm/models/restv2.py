@@ -24,8 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
-from .attention import ATTENTION_KERNELS, ATTN_IMPLS
 from . import fast_windows
+from .attention import ATTENTION_KERNELS, ATTN_IMPLS
 from .cuda_graphs import GraphCache, TrainGraphCache
 from .gelu_recompute import linear_gelu_linear
 from .half_weights import Conv2d, LayerNorm, Linear, autocast_dtype, shared_half_copies

@@ -2,7 +2,9 @@
 
 A token map is laid out in windows by one gather of its tokens and put back by one more;
 padding to whole windows lives only in these index tables, which are cached per map size.
-Recordings treat them in two ways:
+(CUDA inference lays the tokens out with the Triton copies of :mod:`.fast_windows` instead,
+which follow the same layout; there only the key masks come from here.) Recordings treat the
+tables in two ways:
 
 - a CUDA graph (``fast_inference``, ``fast_training``) reads the cached tables, made by the
   eager pass that comes before every recording; the tables it reads are collected while it
