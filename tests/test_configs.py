@@ -260,3 +260,12 @@ def test_fast_training_as_the_configs_set_it_and_from_the_command_line():
     with DefaultScope.overwrite_default_scope('mmseg'):
         backbone = registry.MODELS.build(cfg.model).backbone
     assert backbone.fast_training is True and backbone._train_graphs.max_graphs == 2
+
+
+def test_cfg_options_that_do_not_fit_the_config_stop_with_one_clear_error():
+    from restv2_mm.utils.tool import ToolError, load_config
+    path = osp.join(ROOT, 'configs', 'toy', 'maskrcnn_restv2_t_toy.py')  # init_cfg=None
+    with pytest.raises(ToolError, match=r'--cfg-options do not fit .*toy\.py: .*init_cfg'):
+        load_config(path, {'model.backbone.init_cfg.checkpoint': 'nope.pth'})
+    cfg = load_config(path, {'model.backbone.fast_training': True})
+    assert cfg.model.backbone.fast_training is True

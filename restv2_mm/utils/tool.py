@@ -54,7 +54,10 @@ def load_config(path: str, cfg_options: Optional[dict] = None):
     except Exception as e:  # a syntax error or a missing _base_ file inside the config
         raise ToolError(f'Could not read config {path!r}: {type(e).__name__}: {e}') from None
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except (TypeError, KeyError, ValueError) as e:  # e.g. keys under a None of the config
+            raise ToolError(f'--cfg-options do not fit {path}: {e}') from None
     return cfg
 
 
