@@ -269,3 +269,19 @@ def test_cfg_options_that_do_not_fit_the_config_stop_with_one_clear_error():
         load_config(path, {'model.backbone.init_cfg.checkpoint': 'nope.pth'})
     cfg = load_config(path, {'model.backbone.fast_training': True})
     assert cfg.model.backbone.fast_training is True
+
+
+def test_a_cfg_option_mmengine_cannot_read_is_a_usage_error_naming_it(capsys):
+    import argparse
+
+    from restv2_mm.utils.tool import CfgOptions
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions)
+    args = parser.parse_args(['--cfg-options', 'a.b=1', 'c=[1,2]'])
+    assert args.cfg_options == {'a.b': 1, 'c': [1, 2]}
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(['--cfg-options', 'a.b=1', "init_cfg=dict(type='P',checkpoint='x')"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot read \"init_cfg=dict(type='P',checkpoint='x')\"" in err
+    assert 'Traceback' not in err and len(err.splitlines()) <= 3

@@ -13,9 +13,8 @@ import os.path as osp
 import sys
 import warnings
 
-from mmengine.config import DictAction
 
-from restv2_mm.utils.tool import (ToolError, check_file, load_config, model_state,
+from restv2_mm.utils.tool import (CfgOptions, ToolError, check_file, load_config, model_state,
                                   read_checkpoint_file, restv2_backbone_cfg, run_tool,
                                   toolbox_of)
 
@@ -33,7 +32,7 @@ def parse_args(argv=None):
                         help='detection: draw boxes scoring at least this (default 0.3)')
     parser.add_argument('--opacity', type=float, default=0.5,
                         help='segmentation: opacity of the colour overlay (default 0.5)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions,
                         help='override config settings, key=value')
     return parser.parse_args(argv)
 

@@ -19,13 +19,12 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from restv2_mm.utils.dist import log_distributed, setup_distributed  # noqa: E402
 from restv2_mm.utils.preflight import (check_backbone, check_checkpoint,  # noqa: E402
                                        check_data)
-from restv2_mm.utils.tool import ToolError, load_config, toolbox_of  # noqa: E402
+from restv2_mm.utils.tool import CfgOptions, ToolError, load_config, toolbox_of  # noqa: E402
 
 METRICS_FILE = 'test_metrics.json'
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
     parser = argparse.ArgumentParser(description='Test (and evaluate) a ResTv2 model')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file (.pth saved by tools/train.py)')
@@ -37,7 +36,7 @@ def parse_args(argv=None):
     parser.add_argument('--show-dir', help='save pictures of the predictions in this folder')
     parser.add_argument('--wait-time', type=float, default=2,
                         help='seconds each picture stays with --show')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions,
                         help='override config settings, xxx=yyy pairs')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')

@@ -19,11 +19,10 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from restv2_mm.utils.dist import log_distributed, setup_distributed  # noqa: E402
 from restv2_mm.utils.preflight import (check_amp, check_backbone,  # noqa: E402
                                        check_checkpoint, check_data, check_pretrained)
-from restv2_mm.utils.tool import ToolError, load_config, toolbox_of  # noqa: E402
+from restv2_mm.utils.tool import CfgOptions, ToolError, load_config, toolbox_of  # noqa: E402
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
     parser = argparse.ArgumentParser(description='Train a ResTv2 detector or segmentor')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and checkpoints '
@@ -36,7 +35,7 @@ def parse_args(argv=None):
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
                         help='resume from this checkpoint, or with no value from the '
                         'latest checkpoint in the work dir')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions,
                         help='override config settings, xxx=yyy pairs, e.g. '
                         'model.backbone.init_cfg=None train_cfg.max_epochs=2')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],

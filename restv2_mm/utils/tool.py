@@ -11,6 +11,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 import torch.nn as nn
+from mmengine.config import DictAction
 
 from ..models import ResTv2
 
@@ -19,6 +20,22 @@ TOOLBOXES = ('mmdet', 'mmseg')
 
 class ToolError(Exception):
     """A problem with what the user passed in; the message says what to do about it."""
+
+
+class CfgOptions(DictAction):
+    """mmengine's ``DictAction`` for ``--cfg-options``, where a value it cannot read is a
+    usage error that names it (``key="dict(a=1)"`` sends mmengine's reader into endless
+    recursion, a traceback of a thousand lines)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for pair in values:
+            try:
+                super().__call__(parser, namespace, [pair], option_string)
+            except (RecursionError, ValueError):
+                parser.error(f'{option_string}: cannot read {pair!r}. Set the keys of a dict one '
+                             f'by one, e.g. model.backbone.init_cfg.type=Pretrained '
+                             f'model.backbone.init_cfg.checkpoint=PATH; lists as [1,2], '
+                             f'tuples as (1,2).')
 
 
 def run_tool(main: Callable[[Optional[Sequence[str]]], Optional[int]],

@@ -20,10 +20,9 @@ import warnings
 
 import numpy as np
 import torch
-from mmengine.config import DictAction
 
 from restv2_mm.analysis.fourier import block_names, curve_at, fourier_curves
-from restv2_mm.utils.tool import ToolError, build_backbone, load_config, run_tool
+from restv2_mm.utils.tool import CfgOptions, ToolError, build_backbone, load_config, run_tool
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 # ImageNet statistics (RGB), used when the config has no data_preprocessor mean/std.
@@ -49,7 +48,7 @@ def parse_args(argv=None):
                         help='use at most this many images, in name order (default 100)')
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions,
                         help='override config settings, key=value')
     args = parser.parse_args(argv)
     if args.img_size < 32:

@@ -18,7 +18,6 @@ import sys
 import warnings
 
 import torch
-from mmengine.config import DictAction
 
 from restv2_mm import ResTv2
 from restv2_mm.analysis.flops import (NUM_DUMMY_PROPOSALS, ResTv2Classifier, count_flops,
@@ -27,7 +26,7 @@ from restv2_mm.analysis.flops import (NUM_DUMMY_PROPOSALS, ResTv2Classifier, cou
 from restv2_mm.analysis.paper import (ARCH_ALIASES, ARCH_NAMES, CLASSIFIER_SHAPE,
                                       DETECTION_SHAPE, PAPER_CLASSIFIER, SEGMENTATION_SHAPE,
                                       canonical_arch)
-from restv2_mm.utils.tool import (ToolError, load_config, restv2_backbone_cfg, run_tool,
+from restv2_mm.utils.tool import (CfgOptions, ToolError, load_config, restv2_backbone_cfg, run_tool,
                                   toolbox_of)
 
 TOLERANCE = 3.0  # percent
@@ -47,7 +46,7 @@ def parse_args(argv=None):
         '--shape', type=int, nargs='+', metavar='N',
         help='input H W (or one number for a square); default 224 224 for a backbone, '
         '1280 800 for a detector, 2048 512 for a segmentor')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions,
                         help='override config settings, key=value')
     args = parser.parse_args(argv)
     if (args.config is None) == (args.backbone is None):

@@ -31,14 +31,13 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # mmen
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 from restv2_mm.models import MIN_INPUT_SIZE  # noqa: E402
-from restv2_mm.utils.tool import (ToolError, check_file, load_config,  # noqa: E402
+from restv2_mm.utils.tool import (CfgOptions, ToolError, check_file, load_config,  # noqa: E402
                                   restv2_backbone_cfg, run_tool, toolbox_of)
 
 DEFAULT_SHAPE = (512, 512)
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
     from restv2_mm.deploy.onnx import PARTS, TOLERANCE
     parser = argparse.ArgumentParser(
         description='Export a ResTv2 backbone, backbone + neck, or UperNet segmentor to ONNX '
@@ -61,7 +60,7 @@ def parse_args(argv=None):
                         f'(default {TOLERANCE:g})')
     parser.add_argument('--repeats', type=int, default=5,
                         help='timed runs for the latencies (median; default 5)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptions,
                         help='override config settings, key=value')
     args = parser.parse_args(argv)
     if min(args.shape) < MIN_INPUT_SIZE:
