@@ -30,15 +30,16 @@ class LinearGeluLinear(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         gx = gw1 = gb1 = gw2 = gb2 = None
-        # as addmm's backward: input grad g @ W, weight grad (input^T @ g)^T, bias grad sum
+        # as addmm's backward for a linear layer: input grad g @ W, weight grad g^T @ input
+        # (contiguous, as the weight), bias grad the sum of g
         if need_w2:
-            gw2 = F.gelu(h).reshape(-1, h.shape[-1]).t().mm(g).t()
+            gw2 = g.t().mm(F.gelu(h).reshape(-1, h.shape[-1]))
         if need_b2 and ctx.has_bias[1]:
             gb2 = g.sum(0)
         if need_x or need_w1 or need_b1:
             gh = torch.ops.aten.gelu_backward(g.mm(w2), h.reshape(-1, h.shape[-1]))
             if need_w1:
-                gw1 = x.reshape(-1, x.shape[-1]).t().mm(gh).t()
+                gw1 = gh.t().mm(x.reshape(-1, x.shape[-1]))
             if need_b1 and ctx.has_bias[0]:
                 gb1 = gh.sum(0)
             if need_x:

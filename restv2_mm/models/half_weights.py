@@ -74,6 +74,23 @@ class HalfWeights:
         return self._params_as(dtype)
 
 
+class _HalfCopies(torch.autograd.Function):
+    """Copies of many float32 tensors in one half dtype, made by one cast of their
+    concatenation; in the backward their gradients go back to float32 by one cast too. One
+    autograd node stands for all of them: slices of a concatenation would add two view
+    nodes per tensor to every backward, each a step of the host's work there."""
+
+    @staticmethod
+    def forward(ctx, dtype, *tensors):
+        flat = torch._C._nn.flatten_dense_tensors(tensors).to(dtype)
+        return tuple(torch._C._nn.unflatten_dense_tensors(flat, tensors))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = torch._C._nn.flatten_dense_tensors(grads).float()
+        return (None, ) + tuple(torch._C._nn.unflatten_dense_tensors(flat, grads))
+
+
 @contextlib.contextmanager
 def shared_half_copies(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """Within the block, every :class:`HalfWeights` layer of ``module`` takes its weights
@@ -81,23 +98,24 @@ def shared_half_copies(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
     For one forward with gradients under autocast: autocast would cast each weight on its
     own and convert each gradient back on its own, about 400 kernels for ResTv2-T's ~200
-    weights and biases; here both directions take a few. Layers with frozen weights are left
-    to cast their own, so that no gradient is computed for them. Gradients arrive once the
-    backward has passed every layer.
+    weights and biases; here both directions take a few, and the backward has one node for
+    all of them. Layers with frozen or non-float32 weights are left to cast their own, so
+    that no gradient is computed for the frozen ones. Gradients arrive once the backward has
+    passed every layer.
     """
     layers: List[HalfWeights] = [
-        m for m in module.modules() if isinstance(m, HalfWeights)
-        and all(t.requires_grad for t in (m.weight, m.bias) if t is not None)
+        m for m in module.modules() if isinstance(m, HalfWeights) and all(
+            t.requires_grad and t.dtype == torch.float32 for t in (m.weight, m.bias)
+            if t is not None)
     ]
     tensors = [t for m in layers for t in (m.weight, m.bias) if t is not None]
     if not tensors:
         yield
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
-    halves = iter(flat.split([t.numel() for t in tensors]))
+    halves = iter(_HalfCopies.apply(dtype, *tensors))
     for m in layers:
-        w = next(halves).view_as(m.weight)
-        b = None if m.bias is None else next(halves).view_as(m.bias)
+        w = next(halves)
+        b = None if m.bias is None else next(halves)
         m.__dict__['_shared_halves'] = (dtype, w, b)
     try:
         yield
