@@ -514,6 +514,46 @@ def test_drop_path_residual_adds_the_same_as_drop_path():
     assert torch.equal(dp.residual(x, branch), x + branch)
 
 
+def test_drop_paths_drawn_together_give_each_call_its_own_samples():
+    from restv2_mm.models.restv2 import DropPath
+    modules = [DropPath(r).train() for r in (0., 0.5, 0.8)]
+    keep = torch.tensor([1., 0.5, 0.2]).view(-1, 1, 1)
+    x, branch = torch.zeros(4000, 1, 1), torch.ones(4000, 1, 1)
+    torch.manual_seed(0)
+    with CountOps() as ops, DropPath.drawn_together(modules, keep, 2, 4000, torch.float64):
+        first = [m.residual(x.double(), branch.double()) for m in modules]
+        second = [m.residual(x.double(), branch.double()) for m in modules]
+    assert ops.counts['bernoulli'] == 1  # one draw for all six calls
+    for out, again, k in zip(first, second, (1., 0.5, 0.2)):
+        assert out.dtype == torch.float64
+        assert set(out.unique().tolist()) <= {0., 1 / k}  # whole samples, rescaled
+        assert abs((out > 0).double().mean().item() - k) < 0.04
+        assert k == 1. or not torch.equal(out, again)  # each call its own samples
+    assert not any('_drawn' in m.__dict__ for m in modules)
+    with CountOps() as ops:
+        modules[1].residual(x, branch)  # outside the block: a draw of its own
+    assert ops.counts['bernoulli_'] == 1
+
+
+def test_training_forward_draws_all_drop_paths_at_once_at_the_current_rates():
+    model = ResTv2('tiny', drop_path_rate=0.3).train()
+    x = torch.rand(2, 3, 64, 64)
+    with CountOps() as ops:
+        model(x)
+    assert ops.counts['bernoulli'] == 1  # 11 blocks, 22 residuals
+    for m in model.modules():  # rates changed after construction are the ones drawn at
+        if hasattr(m, 'drop_prob'):
+            m.drop_prob = 1 - 1e-9
+    with torch.no_grad():
+        model(x)
+    assert torch.equal(model.drop_path_keep.flatten(), torch.full((11, ), 1e-9))
+    assert 'drop_path_keep' not in model.state_dict()
+    with_cp = ResTv2('tiny', drop_path_rate=0.3, with_cp=True).train()
+    with CountOps() as ops:  # checkpointed blocks draw their own, to draw them again alike
+        with_cp(x.requires_grad_())
+    assert ops.counts['bernoulli_'] == 20 and 'bernoulli' not in ops.counts  # rates > 0
+
+
 def test_fast_training_leaves_several_processes_eager_and_says_so_once(monkeypatch):
     import torch.distributed as dist
 

@@ -12,10 +12,11 @@ backbone offers the window styles the paper measures for detection (Table 3): ``
 weights under autocast (``half_weights.py``) and Triton kernels for inference
 (``fast_norm.py``, ``fast_windows.py``).
 """
+import contextlib
 import functools
 import logging
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import ContextManager, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -64,7 +65,33 @@ class DropPath(nn.Module):
         """``x + self(branch)`` in one kernel (addcmul) where samples may be dropped."""
         if self.drop_prob == 0. or not self.training:
             return x + branch
-        return torch.addcmul(x, branch, self._scale(branch))
+        return torch.addcmul(x, branch, self._drawn_scale(branch))
+
+    def _drawn_scale(self, branch: torch.Tensor) -> torch.Tensor:
+        """The next scale :meth:`drawn_together` drew for this module, or a new draw."""
+        drawn = self.__dict__.get('_drawn')
+        scale = None if drawn is None else next(drawn, None)
+        if scale is None or scale.dtype != branch.dtype or scale.dim() != branch.dim():
+            return self._scale(branch)
+        return scale
+
+    @staticmethod
+    @contextlib.contextmanager
+    def drawn_together(modules: Sequence['DropPath'], keep: torch.Tensor, calls: int,
+                       batch: int, dtype: torch.dtype) -> Iterator[None]:
+        """Within the block, each of ``modules`` takes its first ``calls`` scales of B x 1 x 1
+        from one draw made for all of them: two kernels where each call would launch its
+        own two. ``keep``: their keep probabilities, float32, len(modules) x 1 x 1."""
+        n = len(modules)
+        scales = torch.bernoulli(keep.expand(n, calls, batch)).div_(keep).to(dtype)
+        scales = scales.view(n * calls, batch, 1, 1).unbind(0)
+        for i, m in enumerate(modules):
+            m.__dict__['_drawn'] = iter(scales[i * calls:(i + 1) * calls])
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.__dict__.pop('_drawn', None)
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         """Per sample: 0 (dropped) or 1 / keep probability, in x's dtype."""
@@ -230,11 +257,13 @@ class EMSAv2(nn.Module):
         # ONNX's Div, which rounds towards zero
         Hr, Wr = (H + r - 1) // r, (W + r - 1) // r
         kv = self.kv(x)  # B, Hr * Wr, 2C laid out as (2, h, d)
-        v = kv[..., C:]
-
         if self.window_size is None:
-            out = self._global_attention(q, kv)
+            # one split for both users of v: a training step then adds v's gradients and
+            # joins them to k's, where slicing v apart would zero-fill a gradient of all kv
+            k, v = kv.chunk(2, dim=-1)
+            out = self._global_attention(q, k, v)
         else:
+            v = kv[..., C:]
             out = self._window_attention(q, kv, H, W, Hr, Wr)
 
         # upsample branch on the values: B, Hr*Wr, C -> B, r*Hr, r*Wr, C -> B, N, C
@@ -251,8 +280,7 @@ class EMSAv2(nn.Module):
         """B, N, C -> B, h, N, d."""
         return t.view(*t.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def _global_attention(self, q, kv):
-        k, v = kv.chunk(2, dim=-1)
+    def _global_attention(self, q, k, v):
         out = self.attend(self._heads(q), self._heads(k), self._heads(v))
         return out.transpose(1, 2).flatten(2)  # B, h, N, d -> B, N, C
 
@@ -489,6 +517,13 @@ class ResTv2(BaseModule):
                     drop_path=dpr[first + j],
                     attn_impl=attn_impl) for j in range(self.depths[i]))
             self.add_module(f'stage{i + 1}', blocks)
+
+        # the blocks' drop paths, two calls each a forward, drawn together in training
+        self._drop_paths = [blk.drop_path for i in range(self.num_stages)
+                            for blk in getattr(self, f'stage{i + 1}')]
+        self._keep_made_for = tuple(dpr)  # the drop-path rates drop_path_keep was made for
+        self.register_buffer(
+            'drop_path_keep', torch.tensor([1 - r for r in dpr]).view(-1, 1, 1), persistent=False)
 
         if attn_style == 'cwin':
             self.cross_window_convs = nn.ModuleList(CrossWindowConv(d) for d in dims)
@@ -764,10 +799,27 @@ class ResTv2(BaseModule):
 
     def _eager_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         half = self._half_dtype_for_training(x)
-        if half is not None:
-            with shared_half_copies(self, half):
-                return self._forward(x)
-        return self._forward(x)
+        with self._drop_paths_drawn(x):
+            if half is not None:
+                with shared_half_copies(self, half):
+                    return self._forward(x)
+            return self._forward(x)
+
+    def _drop_paths_drawn(self, x: torch.Tensor) -> ContextManager:
+        """In training, the blocks' drop paths draw their samples at once (see
+        :meth:`DropPath.drawn_together`); not with ``with_cp``, whose blocks draw again
+        when they are recomputed, nor while a graph is traced or exported."""
+        if (not self.training or self.with_cp or recording_graph()
+                or not any(m.training and m.drop_prob > 0 for m in self._drop_paths)):
+            return contextlib.nullcontext()
+        rates = tuple(m.drop_prob for m in self._drop_paths)
+        if rates != self._keep_made_for:  # set up, or the rates were changed
+            keep = torch.tensor([1 - r for r in rates], dtype=torch.float32)
+            self.drop_path_keep.copy_(keep.view_as(self.drop_path_keep))
+            self._keep_made_for = rates
+        dtype = autocast_dtype(x) or x.dtype  # the dtype of the blocks' tokens
+        return DropPath.drawn_together(self._drop_paths, self.drop_path_keep, 2, x.shape[0],
+                                       dtype)
 
     def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         B = x.shape[0]
