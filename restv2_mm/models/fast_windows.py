@@ -2,12 +2,12 @@
 
 The window styles lay each block's queries and keys out in windows and put the attention's
 output back in token order. With the index tables of :mod:`restv2_mm.models.windows`
-these are gathers, and on an H200 at 800 x 1344 (batch 2, fp16) PyTorch's gather kernel
-took 60 us for the queries of stage 1, where a plain copy of them takes 13 us; the 33
-gathers of a ResTv2-T forward took 0.55 ms of its 4.4 ms. Here the same layouts are copies
-whose addresses are computed in the kernel: no tables are read, and the output is read
-from the attention's result as it is laid out (B * nW, heads, cells, head channels), so
-its transposition costs nothing extra.
+these are gathers (``index_select``), which read an index for every token besides the
+token itself; training keeps them, and ``python tools/analysis/profile_restv2.py
+--attn-style win --modes train`` lists their time among a step's kernels. Here the same
+layouts are copies whose addresses are computed in the kernel: no tables are read, and the
+output is read from the attention's result as it is laid out (B * nW, heads, cells, head
+channels), so its transposition costs nothing extra.
 
 The layouts equal the tables' exactly: the map is padded at the bottom and right to whole
 windows, a padding cell repeats the nearest real token, and padding cells are dropped on
