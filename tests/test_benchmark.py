@@ -282,7 +282,9 @@ def test_rounds_keep_each_measurements_lowest_median():
                                'b': dict(status='error', median_ms=None)})
     assert best['a']['median_ms'] == 7.0 and best['a']['peak_mb'] == 2
     assert best['a']['round_medians_ms'] == [9.0, 7.0, 8.0]
+    assert best['a']['round_peaks_mb'] == [1, 2, 3]  # each round's peak, not only the kept one
     assert best['b']['status'] == 'ok' and best['b']['round_medians_ms'] == [None, 5.0, None]
+    assert best['b']['round_peaks_mb'] == [None, None, None]
 
 
 def test_rounds_must_be_positive(bm, capsys):

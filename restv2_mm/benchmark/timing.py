@@ -264,15 +264,19 @@ def progress_line(e: dict) -> str:
 def keep_best_rounds(best: Dict[str, dict], results: Dict[str, dict]) -> Dict[str, dict]:
     """Fold one round's results into ``best``: per key, the round with the lowest median.
 
-    Every round's median stays in the entry's ``round_medians_ms`` (None for a failed one);
-    a failure is kept only while no round of that key has succeeded.
+    Every round's median and peak memory stay in the entry's ``round_medians_ms`` and
+    ``round_peaks_mb`` (None for a failed round, or where memory is not measured): the
+    entry's own peak is its fastest round's, and the peaks can differ between rounds. A
+    failure is kept only while no round of that key has succeeded.
     """
     for key, entry in results.items():
-        old = best.get(key)
-        medians = (old or {}).get('round_medians_ms', []) + [entry.get('median_ms')]
-        better = old is None or (entry['status'] == 'ok' and (
+        old = best.get(key) or {}
+        medians = old.get('round_medians_ms', []) + [entry.get('median_ms')]
+        peaks = old.get('round_peaks_mb', []) + [entry.get('peak_mb')]
+        better = not old or (entry['status'] == 'ok' and (
             old['status'] != 'ok' or entry['median_ms'] < old['median_ms']))
         if better:
             best[key] = dict(entry)
         best[key]['round_medians_ms'] = medians
+        best[key]['round_peaks_mb'] = peaks
     return best
