@@ -128,10 +128,11 @@ class _SignatureCache:
         if graph is not None:
             self.graphs.move_to_end(sig)
             return graph(x)
-        if sig in self.failed or not self._admits(seen):
+        admitted, replaced = self._admits(seen)
+        if sig in self.failed or not admitted:
             return forward(x)
-        if len(self.graphs) >= self.max_graphs:
-            del self.graphs[self._least_seen()]
+        if replaced is not None:
+            del self.graphs[replaced]
         try:
             graph = self._record(forward, x)
         except Exception as e:  # noqa: BLE001  (any failure leaves the eager path in place)
@@ -164,14 +165,16 @@ class _SignatureCache:
         """The recorded signature seen least often (of equals, the least recently used)."""
         return min(self.graphs, key=self.sightings.__getitem__)
 
-    def _admits(self, seen: int) -> bool:
-        """Whether a signature seen ``seen`` times, not recorded, is recorded now."""
+    def _admits(self, seen: int) -> Tuple[bool, Optional[Signature]]:
+        """Whether a signature seen ``seen`` times, not recorded, is recorded now, and the
+        recorded one it replaces when the cache is full (else None)."""
         if seen < 2:
-            return False
+            return False, None
         if len(self.graphs) < self.max_graphs:
-            return True
-        least = self.sightings[self._least_seen()]
-        return seen > least + max(1, least // 4)
+            return True, None
+        least = self._least_seen()
+        fewer = self.sightings[least]
+        return seen > fewer + max(1, fewer // 4), least
 
     def _graph(self, first: Optional[torch.cuda.CUDAGraph] = None):
         """A graph and the context that records into it, in this cache's pool."""
