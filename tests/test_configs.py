@@ -265,8 +265,14 @@ def test_fast_training_as_the_configs_set_it_and_from_the_command_line():
 def test_cfg_options_that_do_not_fit_the_config_stop_with_one_clear_error():
     from restv2_mm.utils.tool import ToolError, load_config
     path = osp.join(ROOT, 'configs', 'toy', 'maskrcnn_restv2_t_toy.py')  # init_cfg=None
-    with pytest.raises(ToolError, match=r'--cfg-options do not fit .*toy\.py: .*init_cfg'):
+    with pytest.raises(ToolError, match=r'--cfg-options do not fit .*toy\.py: .*init_cfg') as err:
         load_config(path, {'model.backbone.init_cfg.checkpoint': 'nope.pth'})
+    # the way out mmengine suggests, as it is written on the command line, and it works
+    assert 'add model.backbone.init_cfg._delete_=True beside the keys' in str(err.value)
+    cfg = load_config(path, {'model.backbone.init_cfg._delete_': True,
+                             'model.backbone.init_cfg.type': 'Pretrained',
+                             'model.backbone.init_cfg.checkpoint': 'nope.pth'})
+    assert cfg.model.backbone.init_cfg == dict(type='Pretrained', checkpoint='nope.pth')
     cfg = load_config(path, {'model.backbone.fast_training': True})
     assert cfg.model.backbone.fast_training is True
 

@@ -74,8 +74,25 @@ def load_config(path: str, cfg_options: Optional[dict] = None):
         try:
             cfg.merge_from_dict(cfg_options)
         except (TypeError, KeyError, ValueError) as e:  # e.g. keys under a None of the config
-            raise ToolError(f'--cfg-options do not fit {path}: {e}') from None
+            raise ToolError(f'--cfg-options do not fit {path}: {e}'
+                            f'{_replace_whole_hint(str(e), cfg_options)}') from None
     return cfg
+
+
+def _replace_whole_hint(reason: str, cfg_options: dict) -> str:
+    """For mmengine's refusal to merge keys into a setting of another type (``KEY=... in
+    child config cannot inherit``, e.g. under ``init_cfg=None``): how ``_delete_=True``, which
+    it suggests, is written on the command line for the options given."""
+    match = re.match(r'(\w+)=', reason)
+    if match is None or '_delete_' not in reason:
+        return ''
+    name = match.group(1)
+    keys = sorted({'.'.join(parts[:parts.index(name) + 1])
+                   for parts in (key.split('.') for key in cfg_options) if name in parts})
+    if not keys:
+        return ''
+    return (f' On the command line, add {keys[0]}._delete_=True beside the keys under it '
+            f'to replace it whole.')
 
 
 def restv2_backbone_cfg(cfg, path: str = 'the config') -> dict:
