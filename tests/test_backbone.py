@@ -491,6 +491,91 @@ def test_mlp_keeps_one_hidden_tensor_and_gives_the_same_gradients(autocast):
     assert ref_saved - saved >= hidden
 
 
+def saved_storage_bytes(fn):
+    """fn()'s result and the bytes of the distinct storages autograd keeps for its backward."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(kept.values())
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_norm_mlp_and_norm_add_linear_give_autograds_gradients_keeping_less(dtype):
+    import torch.nn.functional as F
+
+    from restv2_mm.models.recompute import norm_add_linear, norm_mlp
+    torch.manual_seed(0)
+    C, hidden, shape = 32, 128, (2, 50, 32)
+
+    def leaves(*shapes):
+        return [torch.randn(*s, dtype=dtype).requires_grad_() for s in shapes]
+
+    x, a, u = leaves(shape, shape, shape)
+    nw, nb, w1, b1, w2, b2, w, b = leaves((C, ), (C, ), (hidden, C), (hidden, ), (C, hidden),
+                                          (C, ), (C, C), (C, ))
+    inputs = [x, a, u, nw, nb, w1, b1, w2, b2, w, b]
+
+    def run(fused):
+        for t in inputs:
+            t.grad = None
+        if fused:
+            mlp, saved_mlp = saved_storage_bytes(
+                lambda: norm_mlp(x, (nw, nb, 1e-6), w1, b1, w2, b2))
+            proj, saved_proj = saved_storage_bytes(  # a kept anyway, as by the attention
+                lambda: norm_add_linear(a.sigmoid(), u, (nw, nb, 1e-6), w, b))
+        else:
+            mlp, saved_mlp = saved_storage_bytes(lambda: F.linear(
+                F.gelu(F.linear(F.layer_norm(x, (C, ), nw, nb, 1e-6), w1, b1)), w2, b2))
+            proj, saved_proj = saved_storage_bytes(
+                lambda: F.linear(a.sigmoid() + F.layer_norm(u, (C, ), nw, nb, 1e-6), w, b))
+        (mlp.float().pow(2).sum() + proj.float().pow(3).sum()).backward()
+        return (mlp, proj), [t.grad for t in inputs], (saved_mlp, saved_proj)
+
+    outs, grads, (saved_mlp, saved_proj) = run(True)
+    ref_outs, ref_grads, (ref_mlp, ref_proj) = run(False)
+    assert all(torch.equal(o, r) for o, r in zip(outs, ref_outs))
+    for t, g, r in zip(inputs, grads, ref_grads):
+        assert g is not None and g.dtype == dtype and torch.equal(g, r), tuple(t.shape)
+    token_map = x.numel() * x.element_size()
+    assert ref_mlp - saved_mlp >= 5 * token_map  # the norm's output, GELU's (4x wide)
+    assert ref_proj - saved_proj >= token_map  # the sum proj reads
+
+
+def test_training_blocks_keep_less_and_give_the_same_gradients():
+    """A training forward keeps neither norm2's output nor the sum before proj; a hook on
+    those modules (a probe) sees them called, at the cost of keeping both."""
+    torch.manual_seed(0)
+    model = randomised(ResTv2('tiny', drop_path_rate=0.)).train()
+    probed = randomised(ResTv2('tiny', drop_path_rate=0.)).train()
+    seen = []
+    for name, m in probed.named_modules():
+        if name.endswith(('.norm2', '.attn.up_norm', '.attn.proj')):
+            m.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    x = torch.rand(2, 3, 64, 96)
+
+    def step(m):
+        outs, saved = saved_storage_bytes(lambda: m(x))
+        sum((o**2).mean() for o in outs).backward()
+        return outs, saved
+
+    outs, saved = step(model)
+    ref, ref_saved = step(probed)
+    assert len(seen) == 3 * 11  # three hooked modules in each of the 11 blocks
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref))
+    for (name, p), q in zip(model.named_parameters(), probed.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    # per block, two token maps fewer and the two norms' means and 1/stds (computed again):
+    # 2 x 16 x 24 tokens of 96 channels in stage 1, and so on
+    rows = [(depth, 2 * (64 >> i + 2) * (96 >> i + 2), dim)
+            for i, (depth, dim) in enumerate(zip((1, 2, 6, 2), (96, 192, 384, 768)))]
+    assert ref_saved - saved == sum(2 * depth * n * (dim + 2) * 4 for depth, n, dim in rows)
+
+
 def test_mlp_hooks_still_see_its_layers_in_training():
     from restv2_mm.models.restv2 import Mlp
     mlp = Mlp(16, 64)

@@ -9,8 +9,9 @@ checkpoints, so those files load unchanged. Besides the default ``'global'`` att
 backbone offers the window styles the paper measures for detection (Table 3): ``'win'``,
 ``'cwin'`` and ``'hwin'``. The speed machinery lives beside this file: the attention kernels
 (``attention.py``), the window index tables (``windows.py``), the layers that reuse half
-weights under autocast (``half_weights.py``) and Triton kernels for inference
-(``fast_norm.py``, ``fast_windows.py``).
+weights under autocast (``half_weights.py``), the parts of a block whose backward computes
+cheap tensors again (``recompute.py``) and Triton kernels for inference (``fast_norm.py``,
+``fast_windows.py``).
 """
 import contextlib
 import functools
@@ -28,8 +29,8 @@ from mmengine.model import BaseModule
 from . import fast_windows
 from .attention import ATTENTION_KERNELS, ATTN_IMPLS
 from .cuda_graphs import GraphCache, TrainGraphCache
-from .gelu_recompute import linear_gelu_linear
 from .half_weights import Conv2d, LayerNorm, Linear, autocast_dtype, shared_half_copies
+from .recompute import norm_add_linear, norm_mlp
 from .windows import keep_tables_read, recording_graph, window_key_mask, window_layout
 
 ATTN_STYLES = ('global', 'win', 'cwin', 'hwin')
@@ -169,6 +170,29 @@ def _hooked(modules, backward: bool = False) -> bool:
                for m in modules)
 
 
+def _keeps_less(modules: Sequence[nn.Module], x: torch.Tensor, *weights) -> bool:
+    """Whether a call through ``modules`` may keep fewer tensors for the backward (see
+    :mod:`restv2_mm.models.recompute`): when a backward is to come (x or one of ``weights``
+    requires gradients), no hook (a FLOP counter, a feature probe) waits on one of the
+    modules being called, and no graph is traced."""
+    return (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+            and not recording_graph() and not _hooked(modules))
+
+
+def _compute_in(x: torch.Tensor, *layers) -> bool:
+    """Whether the ``half_weights`` layers all compute in x's dtype: autocast's half dtype
+    under autocast, their weights' own outside it."""
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        return x.dtype == dtype
+    return all(m.weight.dtype == x.dtype for m in layers)
+
+
+def _norm_params(norm: LayerNorm, x: torch.Tensor) -> tuple:
+    """(weight, bias, eps) with which ``norm`` normalises x."""
+    return (*norm.params_for(x), norm.eps)
+
+
 class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
@@ -180,19 +204,25 @@ class Mlp(nn.Module):
     def forward(self, x):
         if self._recomputes(x):
             w1, b1 = self.fc1.params_for(x)
-            w2, b2 = self.fc2.params_for(x)
-            return linear_gelu_linear(x.to(w1.dtype), w1, b1, w2, b2)
+            return norm_mlp(x.to(w1.dtype), None, w1, b1, *self.fc2.params_for(x))
         return self.fc2(self.act(self.fc1(x)))
+
+    def after_norm(self, norm: LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        """``self(norm(x))``; in training the norm's output is not kept either, where no
+        hook waits on the norm or this module."""
+        if (self._recomputes(x) and not _hooked((self, norm))
+                and _compute_in(x, norm, self.fc1, self.fc2)):
+            return norm_mlp(x, _norm_params(norm, x), *self.fc1.params_for(x),
+                            *self.fc2.params_for(x))
+        return self(norm(x))
 
     def _recomputes(self, x: torch.Tensor) -> bool:
         """Whether this call keeps one hidden tensor for the backward instead of two (see
-        :mod:`restv2_mm.models.gelu_recompute`): when there is a backward to come, and no
-        hook (a FLOP counter, a feature probe) waits on fc1, act or fc2 being called."""
-        return (torch.is_grad_enabled() and not _hooked((self.fc1, self.act, self.fc2))
-                and (x.requires_grad or self.fc1.weight.requires_grad
-                     or self.fc2.weight.requires_grad)
-                and type(self.act) is nn.GELU and self.act.approximate == 'none'
-                and not recording_graph())
+        :mod:`restv2_mm.models.recompute`): when there is a backward to come, and no hook
+        waits on fc1, act or fc2 being called."""
+        return (type(self.act) is nn.GELU and self.act.approximate == 'none'
+                and _keeps_less((self.fc1, self.act, self.fc2), x, self.fc1.weight,
+                                self.fc2.weight))
 
 
 class EMSAv2(nn.Module):
@@ -274,6 +304,16 @@ class EMSAv2(nn.Module):
             up = up[:, :H, :W].reshape(B, N, C)
         else:
             up = as_tokens(up)
+        return self._project(out, up)
+
+    def _project(self, out: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """proj(out + up_norm(up)); in training the sum is not kept for the backward (see
+        :mod:`restv2_mm.models.recompute`), where no hook waits on up_norm or proj."""
+        if (up.dtype == out.dtype and _compute_in(out, self.up_norm, self.proj)
+                and _keeps_less((self.up_norm, self.proj), out, self.up_norm.weight,
+                                self.proj.weight)):
+            return norm_add_linear(out, up, _norm_params(self.up_norm, up),
+                                   *self.proj.params_for(out))
         return self.proj(out + self.up_norm(up))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -326,7 +366,7 @@ class Block(nn.Module):
 
     def forward(self, x, H: int, W: int):
         x = self.drop_path.residual(x, self.attn(self.norm1(x), H, W))
-        return self.drop_path.residual(x, self.mlp(self.norm2(x)))
+        return self.drop_path.residual(x, self.mlp.after_norm(self.norm2, x))
 
 
 class CrossWindowConv(nn.Module):
