@@ -29,7 +29,8 @@ from mmengine.model import BaseModule
 from . import fast_windows
 from .attention import ATTENTION_KERNELS, ATTN_IMPLS
 from .cuda_graphs import GraphCache, TrainGraphCache
-from .half_weights import Conv2d, LayerNorm, Linear, autocast_dtype, shared_half_copies
+from .half_weights import (Conv2d, HalfWeights, LayerNorm, Linear, autocast_dtype,
+                           shared_half_copies)
 from .recompute import norm_add_linear, norm_mlp
 from .windows import keep_tables_read, recording_graph, window_key_mask, window_layout
 
@@ -180,8 +181,10 @@ def _keeps_less(modules: Sequence[nn.Module], x: torch.Tensor, *weights) -> bool
 
 
 def _compute_in(x: torch.Tensor, *layers) -> bool:
-    """Whether the ``half_weights`` layers all compute in x's dtype: autocast's half dtype
-    under autocast, their weights' own outside it."""
+    """Whether ``layers`` are all ``half_weights`` layers (not replaced since) computing in
+    x's dtype: autocast's half dtype under autocast, their weights' own outside it."""
+    if not all(isinstance(m, HalfWeights) for m in layers):
+        return False
     dtype = autocast_dtype(x)
     if dtype is not None:
         return x.dtype == dtype
