@@ -576,14 +576,15 @@ def test_training_blocks_keep_less_and_give_the_same_gradients():
     assert ref_saved - saved == sum(2 * depth * n * (dim + 2) * 4 for depth, n, dim in rows)
 
 
-def test_blocks_whose_norms_were_replaced_train_through_them():
+def test_blocks_whose_layers_were_replaced_train_through_them():
     model = ResTv2('tiny').train()
     block = model.stage1[0]
     block.norm2 = torch.nn.LayerNorm(96, eps=1e-6)  # e.g. swapped by a user's tool
     block.attn.up_norm = torch.nn.LayerNorm(96, eps=1e-6)
+    model.stage2[0].mlp.fc1 = torch.nn.Linear(192, 768)
     sum(o.sum() for o in model(torch.rand(1, 3, 64, 64))).backward()
-    assert block.norm2.weight.grad.abs().sum() > 0
-    assert block.attn.up_norm.weight.grad.abs().sum() > 0
+    for layer in (block.norm2, block.attn.up_norm, model.stage2[0].mlp.fc1):
+        assert layer.weight.grad.abs().sum() > 0
 
 
 def test_mlp_hooks_still_see_its_layers_in_training():

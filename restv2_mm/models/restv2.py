@@ -224,6 +224,7 @@ class Mlp(nn.Module):
         :mod:`restv2_mm.models.recompute`): when there is a backward to come, and no hook
         waits on fc1, act or fc2 being called."""
         return (type(self.act) is nn.GELU and self.act.approximate == 'none'
+                and isinstance(self.fc1, HalfWeights) and isinstance(self.fc2, HalfWeights)
                 and _keeps_less((self.fc1, self.act, self.fc2), x, self.fc1.weight,
                                 self.fc2.weight))
 
