@@ -546,6 +546,44 @@ def test_norm_mlp_and_norm_add_linear_give_autograds_gradients_keeping_less(dtyp
     assert ref_proj - saved_proj >= token_map  # the sum proj reads
 
 
+def test_training_only_the_biases_gives_autograds_gradients():
+    """Frozen weights, trained biases (a BitFit-style fine-tune): the recomputing parts
+    compute the gradients asked for, as the plain layers do."""
+    torch.manual_seed(0)
+    model = randomised(ResTv2('tiny')).train()
+    plain = randomised(ResTv2('tiny')).train()
+    for m in (model, plain):
+        for name, p in m.named_parameters():
+            p.requires_grad_(name.endswith('bias'))
+    for name, m in plain.named_modules():
+        if name.endswith(('.norm2', '.attn.proj')):
+            m.register_forward_hook(lambda *args: None)  # the plain layers run
+    x = torch.rand(1, 3, 64, 64)
+    for m in (model, plain):
+        sum((o**2).mean() for o in m(x)).backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        assert p.grad is None or torch.equal(p.grad, q.grad), name
+
+
+def test_recomputing_parts_give_a_bias_gradient_alone():
+    import torch.nn.functional as F
+
+    from restv2_mm.models.recompute import norm_add_linear, norm_mlp
+    torch.manual_seed(0)
+    x, a, u = torch.randn(3, 3, 5, 8).unbind(0)
+    norm = (torch.rand(8), torch.rand(8), 1e-6)
+    w1, w2, w = torch.randn(16, 8), torch.randn(8, 16), torch.randn(8, 8)
+    b1, b2, b = (torch.randn(n, requires_grad=True) for n in (16, 8, 8))
+    mlp = norm_mlp(x, norm, w1, b1, w2, b2)
+    proj = norm_add_linear(a, u, norm, w, b)
+    grads = torch.autograd.grad((mlp**2).sum() + (proj**2).sum(), (b1, b2, b))
+    ref_mlp = F.linear(F.gelu(F.linear(F.layer_norm(x, (8, ), *norm), w1, b1)), w2, b2)
+    ref_proj = F.linear(a + F.layer_norm(u, (8, ), *norm), w, b)
+    ref = torch.autograd.grad((ref_mlp**2).sum() + (ref_proj**2).sum(), (b1, b2, b))
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref))
+
+
 def test_training_blocks_keep_less_and_give_the_same_gradients():
     """A training forward keeps neither norm2's output nor the sum before proj; a hook on
     those modules (a probe) sees them called, at the cost of keeping both."""

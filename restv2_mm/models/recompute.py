@@ -86,7 +86,8 @@ class NormMlp(torch.autograd.Function):
                 y = x
             elif need_w1 or any(needs_norm):
                 y, mean, rstd = _normalise_again(x, norm_weight, norm_bias, ctx.eps)
-            gw1, gb1 = _linear_backward(gh, _rows(y), w1, need_w1, need_b1 and ctx.has_bias[0])
+            gw1, gb1 = _linear_backward(gh, _rows(y) if need_w1 else None, w1, need_w1,
+                                        need_b1 and ctx.has_bias[0])
             if any(needs_norm):
                 gy = gh.mm(w1).view(x.shape)
                 if ctx.eps is None:
