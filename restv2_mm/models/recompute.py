@@ -15,8 +15,9 @@ each one element-wise pass. Counted over the storages autograd keeps in a ResTv2
 forward in half precision, the GELU's output is about 370 MB of a Mask R-CNN batch
 (2 x 800 x 1344) and 180 MB of a UperNet batch (4 x 512 x 512), the two others about 185 MB
 and 90 MB (MB of 2^20 bytes). The gradients are those of autograd's layers, computed by the
-same kernels from the same tensors. The norms computed again add about 3.5% to the GPU work
-of a training step (23.0 to 23.8 ms of kernels for ResTv2-T at 2 x 800 x 1344, H200).
+same kernels from the same tensors. The GPU work grows by three element-wise passes per block
+(two norms again, one addition); ``tools/analysis/profile_restv2.py --modes train`` lists
+them.
 """
 from typing import Optional, Tuple
 
