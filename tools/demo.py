@@ -13,7 +13,6 @@ import os.path as osp
 import sys
 import warnings
 
-
 from restv2_mm.utils.tool import (CfgOptions, ToolError, check_file, load_config, model_state,
                                   read_checkpoint_file, restv2_backbone_cfg, run_tool,
                                   toolbox_of)
