@@ -37,9 +37,12 @@ class RankProbeHook(Hook):
     def after_run(self, runner):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         params = list(model.named_parameters())
+        # how many training passes the backbone recorded as CUDA graphs (fast_training)
+        graphs = getattr(getattr(model, 'backbone', None), '_train_graphs', None)
         record = dict(rank=runner.rank, world_size=runner.world_size, images=self.images,
                       parameter_names=[name for name, _ in params],
-                      parameters=parameter_digest(params))
+                      parameters=parameter_digest(params),
+                      training_graphs=None if graphs is None else graphs.captures)
         os.makedirs(self.out_dir, exist_ok=True)
         with open(osp.join(self.out_dir, f'rank{runner.rank}.json'), 'w') as f:
             json.dump(record, f)

@@ -686,17 +686,3 @@ def test_training_forward_draws_all_drop_paths_at_once_at_the_current_rates():
     with CountOps() as ops:  # checkpointed blocks draw their own, to draw them again alike
         with_cp(x.requires_grad_())
     assert ops.counts['bernoulli_'] == 20 and 'bernoulli' not in ops.counts  # rates > 0
-
-
-def test_fast_training_leaves_several_processes_eager_and_says_so_once(monkeypatch):
-    import torch.distributed as dist
-
-    from restv2_mm.models import restv2
-    model = ResTv2('tiny', fast_training=True)
-    assert not model._trains_in_processes()
-    monkeypatch.setattr(dist, 'is_initialized', lambda: True)
-    monkeypatch.setattr(dist, 'get_world_size', lambda *a: 2)
-    logged = []
-    monkeypatch.setattr(restv2, 'print_log', lambda msg, *a, **k: logged.append(msg))
-    assert model._trains_in_processes() and model._trains_in_processes()
-    assert len(logged) == 1 and 'training runs in 2 processes' in logged[0]

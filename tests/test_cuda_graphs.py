@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from restv2_mm.models.cuda_graphs import GraphCache, TrainGraphCache
+from restv2_mm.models.cuda_graphs import GraphCache, TrainGraphCache, _standing_in
 
 
 class Recorded:
@@ -107,6 +107,40 @@ def test_a_training_forward_waits_for_the_open_backward():
     assert cache(eager, x, 'state')[0] == 'eager'  # the graph's buffers hold the first one
     del node  # its graph was dropped without a backward: nothing is open any more
     assert cache(eager, x, 'state')[0] == 'replayed'
+
+
+def test_a_training_recording_reads_stand_ins_of_the_owners_parameters():
+    """The recorded forward sees new leaves on the parameters' memory where the owner held
+    its parameters (the nodes that accumulate the parameters' gradients may have been made
+    before, as DistributedDataParallel makes them); afterwards, and after a failure, the
+    owner holds its parameters again."""
+    first, second = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    second.weight = first.weight  # one parameter held by two modules
+    owner = torch.nn.Sequential(first, torch.nn.ReLU(), second)
+    params = list(owner.parameters())  # first.weight, first.bias, second.bias
+    stand_ins = [torch.nn.Parameter(p.detach()) for p in params]
+    with _standing_in(owner, params, stand_ins):
+        assert owner[0].weight is owner[2].weight is stand_ins[0]
+        assert owner[2].bias is stand_ins[2]
+        assert owner[0].weight.data_ptr() == params[0].data_ptr()
+        loss = owner(torch.ones(1, 3)).sum()
+    grads = torch.autograd.grad(loss, stand_ins)
+    assert all(p.grad is None for p in params) and grads[0].abs().sum() > 0
+    with pytest.raises(RuntimeError, match='mid-recording'), \
+            _standing_in(owner, params, stand_ins):
+        raise RuntimeError('mid-recording')
+    assert owner[0].weight is owner[2].weight is params[0] and owner[2].bias is params[2]
+    with _standing_in(None, params, stand_ins):  # no owner: nothing changes
+        assert owner[0].weight is params[0]
+
+    cache = stand_in(TrainGraphCache)
+    x = torch.zeros(1, 3, 8, 8)
+    for _ in range(2):
+        cache(eager, x, 'state', params, owner)
+    assert cache.captures == 1 and cache._owner is None  # the owner is not held after a call
+    held = weakref.ref(owner)
+    del owner, first, second
+    assert held() is None
 
 
 def test_bad_sizes_name_their_argument_and_copies_start_empty():

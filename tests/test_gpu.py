@@ -448,6 +448,28 @@ def test_fast_training_under_amp_follows_eager_and_frozen_stages_stay_frozen():
     assert not any(n.startswith(('stem.', 'stage1.', 'norm0.')) for n in a[1])
 
 
+def test_fast_training_records_while_gradient_accumulators_are_held_from_before():
+    """DistributedDataParallel makes each parameter's gradient-accumulating node when it
+    wraps the model (on the default stream), holds it and hooks it for its all-reduce. The
+    recording must not wait on those nodes, and a replay's gradients must still pass
+    through them, hooks included."""
+    graph, eager = graph_and_eager_trainers()
+    params = [p for p in graph.parameters() if p.requires_grad]
+    held = [p.view_as(p).grad_fn.next_functions[0][0] for p in params]  # as DDP holds them
+    reached = []
+    for node in held:
+        node.register_hook(lambda grad_inputs, grad_outputs: reached.append(1))
+    x = torch.rand(2, 3, 160, 224, device='cuda')
+    for step in range(3):  # eager (first sight), recorded, replayed
+        reached.clear()
+        assert_close_steps(train_step(graph, x, amp=True), train_step(eager, x, amp=True), 5e-3)
+        assert len(reached) == len(params), step
+        graph.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+    assert graph._train_graphs.captures == 1 and not graph._train_graphs.failed
+    assert all(p.view_as(p).grad_fn.next_functions[0][0] is n for p, n in zip(params, held))
+
+
 def test_fast_training_accumulates_gradients_over_replays():
     graph, eager = graph_and_eager_trainers()
     xs = torch.rand(4, 1, 3, 128, 160, device='cuda')
@@ -596,10 +618,11 @@ def test_toy_upernet_trains_with_fast_training_through_train_py(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
-def test_fast_training_under_ddp_trains_eagerly_and_keeps_the_ranks_in_step(tmp_path):
+def test_fast_training_under_ddp_replays_and_keeps_the_ranks_in_step(tmp_path):
     """The toy UperNet on two GPUs (NCCL, DistributedDataParallel) with fast_training and
-    AMP: the backbone trains eagerly there (said once a rank), and the ranks train on
-    different images yet end with the same parameters."""
+    AMP: each rank records the backbone's training pass and replays it, and the ranks train
+    on different images yet end with the same parameters (the replayed gradients reach the
+    all-reduce)."""
     import json
 
     from test_distributed import probe_config, run_dist
@@ -616,11 +639,11 @@ def test_fast_training_under_ddp_trains_eagerly_and_keeps_the_ranks_in_step(tmp_
     ], cwd=tmp_path, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert 'fast_training: training runs in 2 processes' in out, out[-4000:]
-    assert 'training passes at input size' not in out
+    assert 'training passes at input size (4, 3, 128, 128) now replay' in out, out[-4000:]
     assert 'recording a CUDA graph failed' not in out
     ranks = [json.loads((probe / f'rank{r}.json').read_text()) for r in (0, 1)]
     assert [r['world_size'] for r in ranks] == [2, 2]
+    assert [r['training_graphs'] for r in ranks] == [1, 1]  # each rank recorded its size
     seen = [[name for names in r['images'].values() for name in names] for r in ranks]
     assert len(seen[0]) == len(seen[1]) == 40 * 4
     assert seen[0] != seen[1]  # the ranks trained on different batches

@@ -29,7 +29,7 @@ Both share the same policy:
 import contextlib
 import weakref
 from collections import OrderedDict
-from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,6 +61,26 @@ def _end_random_state_recording(device: torch.device):
         with torch.cuda.graph(graph):
             torch.zeros(1, device=device)
     torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _standing_in(owner: Optional[torch.nn.Module], params: Sequence[torch.nn.Parameter],
+                 stand_ins: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Within the block, ``owner`` and its submodules hold ``stand_ins[i]`` wherever they
+    held ``params[i]``; nothing changes without an owner."""
+    if owner is None:
+        yield
+        return
+    by_id = {id(p): s for p, s in zip(params, stand_ins)}
+    held = [(m, name, p) for m in owner.modules() for name, p in m._parameters.items()
+            if p is not None and id(p) in by_id]
+    try:
+        for m, name, p in held:
+            m._parameters[name] = by_id[id(p)]
+        yield
+    finally:
+        for m, name, p in held:
+            m._parameters[name] = p
 
 
 class _SignatureCache:
@@ -319,19 +339,27 @@ class TrainGraphCache(_SignatureCache):
         super().__init__(*args, **kwargs)
         self.open_backward: Optional[weakref.ref] = None  # the latest replay, until its backward
         self._params: Sequence[torch.nn.Parameter] = ()
+        self._owner: Optional[torch.nn.Module] = None
         # the gradients every backward graph writes: one per parameter that requires one
         self.grad_buffers: Dict[int, torch.Tensor] = {}
         self._grad_ptrs: set = set()
 
     def __call__(self, forward, x: torch.Tensor, state_key,
-                 params: Sequence[torch.nn.Parameter] = ()) -> tuple:
+                 params: Sequence[torch.nn.Parameter] = (),
+                 owner: Optional[torch.nn.Module] = None) -> tuple:
         """As :meth:`GraphCache.__call__`; ``params`` are the parameters ``forward`` reads,
-        of which those that require gradients get them from the backward graph."""
+        of which those that require gradients get them from the backward graph. ``owner``:
+        the module that holds them, whose forward is recorded with stand-ins for them (see
+        :meth:`_record`)."""
         if self.open_backward is not None and self.open_backward() is not None:
             return forward(x)
         self.open_backward = None
         self._params = params
-        return super().__call__(forward, x, state_key)
+        self._owner = owner
+        try:
+            return super().__call__(forward, x, state_key)
+        finally:
+            self._owner = None  # a module holding this cache is not held by it in turn
 
     def release_held_grads(self):
         """Give every ``param.grad`` that still shares the gradient buffers memory of its
@@ -351,6 +379,15 @@ class TrainGraphCache(_SignatureCache):
     def _record(self, forward, x: torch.Tensor) -> _TrainGraph:
         indexed = [(i, p) for i, p in enumerate(self._params) if p.requires_grad]
         params = [p for _, p in indexed]
+        # The owner's forward is recorded with stand-ins for its parameters: new leaves on the
+        # same memory. The backward hands each parameter's gradient to the node that
+        # accumulates it and waits on that node's stream; a node made before the recording
+        # and held since (DistributedDataParallel makes them when it wraps the model, on the
+        # default stream) cannot be waited on from a recording. A stand-in's node is made
+        # within it. Replays read and train the parameters themselves.
+        stand_ins = [torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                     for p in self._params]
+        recorded_params = [stand_ins[i] for i, _ in indexed]
         static_in = x.detach().clone()
         saved = set()  # storages the forward keeps for its backward
 
@@ -360,7 +397,8 @@ class TrainGraphCache(_SignatureCache):
 
         fwd, recording = self._graph()
         with self._keeping() as kept, _no_autocast_cache(x), recording, \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                _standing_in(self._owner, self._params, stand_ins):
             static_outs = tuple(forward(static_in))
         # The gradients of the outputs arrive in the outputs' own memory where the backward
         # does not read that memory (a replay's outputs are copied out at once); the
@@ -369,8 +407,8 @@ class TrainGraphCache(_SignatureCache):
         bwd, recording = self._graph(first=fwd)
         with recording:
             grads = torch.autograd.grad(
-                [o for o in static_outs if o.requires_grad],
-                params, [g for g in static_grad_outs if g is not None], allow_unused=True)
+                [o for o in static_outs if o.requires_grad], recorded_params,
+                [g for g in static_grad_outs if g is not None], allow_unused=True)
             # later sizes copy into the buffers of the first recording
             shared = [(self.grad_buffers[i], g) for (i, _), g in zip(indexed, grads)
                       if g is not None and i in self.grad_buffers]
@@ -382,7 +420,7 @@ class TrainGraphCache(_SignatureCache):
                 self._grad_ptrs.add(g.data_ptr())
         static_grads = [None if g is None else self.grad_buffers[i]
                         for (i, _), g in zip(indexed, grads)]
-        del grads, shared
+        del grads, shared, stand_ins, recorded_params
         if self._pool is None:
             self._pool = fwd.pool()
         static_outs = tuple(o.detach() for o in static_outs)

@@ -540,7 +540,6 @@ class ResTv2(BaseModule):
         self._train_graphs = TrainGraphCache(
             train_graph_cache_size, arg_name='train_graph_cache_size',
             on_failure=functools.partial(_warn_no_graph, 'fast_training'), keep=keep_tables_read)
-        self._said_eager_in_processes = False
         self._state_tensors: Optional[List[torch.Tensor]] = None  # see _tracked_tensors
         self._num_params = 0
 
@@ -761,22 +760,7 @@ class ResTv2(BaseModule):
                 and torch.is_grad_enabled() and not x.requires_grad and not self.with_cp
                 and not recording_graph() and not torch.onnx.is_in_onnx_export()
                 and not torch.cuda.is_current_stream_capturing()
-                and not self._runs_only_eagerly() and not self._trains_in_processes())
-
-    def _trains_in_processes(self) -> bool:
-        """Whether training runs in several processes (``dist_train.sh``): there the
-        recording of a training pass failed (two H200s, DistributedDataParallel), so
-        ``fast_training`` leaves the backbone eager, and says so once."""
-        world = (torch.distributed.get_world_size()
-                 if torch.distributed.is_available() and torch.distributed.is_initialized()
-                 else 1)
-        if world > 1 and not self._said_eager_in_processes:
-            self._said_eager_in_processes = True
-            print_log(f'ResTv2 fast_training: training runs in {world} processes, where '
-                      f'CUDA graphs of training passes are not used; the backbone trains '
-                      f'eagerly. fast_training=False silences this.', 'current',
-                      level=logging.WARNING)
-        return world > 1
+                and not self._runs_only_eagerly())
 
     def _runs_only_eagerly(self) -> bool:
         """Hooks (a FLOP counter, a feature probe) must see their modules called, and
@@ -834,7 +818,7 @@ class ResTv2(BaseModule):
         if self._trains_from_graph(x):
             first = self._train_graphs.captures == 0
             outs = self._train_graphs(self._eager_forward, x, self._train_graph_state(),
-                                      self._tracked_tensors(params_only=True))
+                                      self._tracked_tensors(params_only=True), self)
             if first and self._train_graphs.captures:
                 print_log(f'ResTv2 fast_training: training passes at input size '
                           f'{tuple(x.shape)} now replay as CUDA graphs.', 'current')
