@@ -23,6 +23,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def temporary_files_under_pytest_basetemp(tmp_path_factory):
+    """Temporary files of the tests and of the processes they start go under pytest's own
+    temporary folder, which pytest keeps for its last few runs only: torchrun's log folders,
+    and the socket folders of multiprocessing that the processes killed on purpose (the
+    crash tests) cannot remove."""
+    import tempfile
+    path = str(tmp_path_factory.mktemp('tmp'))
+    before = os.environ.get('TMPDIR'), tempfile.tempdir
+    os.environ['TMPDIR'] = tempfile.tempdir = path
+    yield
+    if before[0] is None:
+        os.environ.pop('TMPDIR', None)
+    else:
+        os.environ['TMPDIR'] = before[0]
+    tempfile.tempdir = before[1]
+
+
 @pytest.fixture
 def official_keys():
     """Key names of the authors' ImageNet checkpoints (tests/data/official_keys)."""
