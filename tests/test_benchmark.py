@@ -287,6 +287,22 @@ def test_rounds_keep_each_measurements_lowest_median():
     assert best['b']['round_peaks_mb'] == [None, None, None]
 
 
+def test_a_counted_step_reports_its_kernels_and_their_gpu_time():
+    from types import SimpleNamespace as Event
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [Event(device_type=cuda, name='gemm', device_time=1500.),
+              Event(device_type=cuda, name='elementwise', device_time=250.),
+              Event(device_type=cuda, name='Memset (Device)', device_time=40.),
+              Event(device_type=cuda, name='Memcpy HtoD', device_time=60.),
+              Event(device_type=cpu, name='aten::mm', device_time=0.)]
+    assert timing.kernel_summary(events) == (2, 1.75)  # kernels only, in ms
+    entry = dict(key='dense/x/train', status='ok', median_ms=7., per_s=2., unit='img/s',
+                 kernels=2, kernel_ms=1.75)
+    assert timing.progress_line(entry).endswith(', 2 kernels a step (1.8 ms of GPU work)')
+    assert timing.kernels_text(dict(kernels=5)) == ', 5 kernels a step'
+    assert timing.kernels_text(dict(status='ok')) == ''
+
+
 def test_rounds_must_be_positive(bm, capsys):
     with pytest.raises(SystemExit):
         bm.parse_args(['--rounds', '0'])

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .sections import SECTIONS, STYLES
+from .timing import kernels_text
 
 
 def plot_styles(results: Dict[str, dict], sizes, path: str, title_note: str = ''):
@@ -85,8 +86,7 @@ def print_report(meta: dict, results: Dict[str, dict], ratios: Dict[str, dict],
             rate = f'{e["per_s"]:.1f} {e["unit"]}' if e['status'] == 'ok' else '-'
             status = e['status'] if e['status'] == 'ok' else \
                 f'{e["status"]}: {e.get("error", e.get("note", ""))}'[:80]
-            if e.get('kernels') is not None:
-                status += f', {e["kernels"]} kernels a step'
+            status += kernels_text(e)
             name = e['key'].split('/', 1)[1]
             print(f'{name:<44} {shape:>16} {fmt(e.get("median_ms")):>10} {rate:>14} '
                   f'{fmt(e.get("peak_mb"), ".0f"):>9}  {status}')

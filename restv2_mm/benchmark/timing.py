@@ -4,7 +4,7 @@ import gc
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterable, List, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ class Bench:
         self.compile_models = compile_models
         self.allow_cudnn_benchmark = cudnn_benchmark and self.cuda
         self.results: Dict[str, dict] = {}
-        self.kernel_counts: Dict[str, int] = {}  # by key: counted once, in the first round
+        # by key: (kernels, their summed time in ms) of one step, taken in the first round
+        self.kernel_counts: Dict[str, Tuple[int, float]] = {}
         torch.backends.cudnn.benchmark = self.allow_cudnn_benchmark
 
     @contextlib.contextmanager
@@ -78,16 +79,24 @@ class Bench:
         return dict(summary(times), warmup=warmup, reps=reps, base_mb=base_mb,
                     peak_mb=peak_mb, graph_pool_mb=graphs_mb)
 
-    def kernels_per_step(self, step: Callable[[], object]) -> int:
-        """How many GPU kernels one call of ``step`` launches (torch.profiler)."""
+    def kernels_per_step(self, step: Callable[[], object]) -> Tuple[int, float]:
+        """How many GPU kernels one call of ``step`` launches, and their run times summed in
+        ms: the step's GPU work (torch.profiler)."""
         from torch.profiler import ProfilerActivity, profile
         torch.cuda.synchronize(self.device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize(self.device)
-        return sum(1 for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not e.name.startswith(('Memcpy', 'Memset')))
+        return kernel_summary(prof.events())
+
+    def _count_kernels(self, key: str, step: Callable[[], object], entry: dict):
+        """Once per key (the counts do not change between rounds), on CUDA: the entry's
+        ``kernels`` and ``kernel_ms``, what the GPU runs of one step."""
+        if not self.cuda:
+            return
+        if key not in self.kernel_counts:
+            self.kernel_counts[key] = self.kernels_per_step(step)
+        entry['kernels'], entry['kernel_ms'] = self.kernel_counts[key]
 
     def measure(self, key: str, setup: Callable[[], Callable[[], object]], reps, *,
                 items: int = 1, unit: str = 'img/s', count_kernels: bool = False,
@@ -107,10 +116,8 @@ class Bench:
             step = setup()
             entry.update(self.time_steps(step, *reps))
             entry['per_s'] = items * 1e3 / entry['median_ms']
-            if count_kernels and self.cuda:
-                if key not in self.kernel_counts:
-                    self.kernel_counts[key] = self.kernels_per_step(step)
-                entry['kernels'] = self.kernel_counts[key]
+            if count_kernels:
+                self._count_kernels(key, step, entry)
             entry['status'] = 'ok'
         except Exception as e:  # noqa: BLE001  (any failure is a result to report)
             self._record_failure(entry, e)
@@ -149,10 +156,8 @@ class Bench:
                 others = self._resident()
                 step = setup()
                 entry.update(self._memory_over(step, warmup, others))
-                if count_kernels and self.cuda:
-                    if key not in self.kernel_counts:
-                        self.kernel_counts[key] = self.kernels_per_step(step)
-                    entry['kernels'] = self.kernel_counts[key]
+                if count_kernels:
+                    self._count_kernels(key, step, entry)
                 steps[key] = step
             except Exception as e:  # noqa: BLE001  (any failure is a result to report)
                 self._record_failure(entry, e)
@@ -247,6 +252,22 @@ class Bench:
         return entry
 
 
+def kernel_summary(events: Iterable) -> Tuple[int, float]:
+    """(kernels, their summed time in ms) among a profile's events: the device's events
+    less its copies and fills."""
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(('Memcpy', 'Memset'))]
+    return len(kernels), sum(e.device_time for e in kernels) / 1e3
+
+
+def kernels_text(e: dict) -> str:
+    """', N kernels a step (X ms of GPU work)' for an entry whose kernels were counted."""
+    if e.get('kernels') is None:
+        return ''
+    work = f' ({e["kernel_ms"]:.1f} ms of GPU work)' if e.get('kernel_ms') is not None else ''
+    return f', {e["kernels"]} kernels a step{work}'
+
+
 def summary(times: List[float]) -> dict:
     return dict(median_ms=float(np.median(times)), mean_ms=float(np.mean(times)),
                 min_ms=float(np.min(times)), max_ms=float(np.max(times)))
@@ -256,9 +277,8 @@ def progress_line(e: dict) -> str:
     if e['status'] != 'ok':
         return f'{e["key"]}: {e["status"]} {e.get("error", e.get("note", ""))}'
     mem = f', peak {e["peak_mb"]:.0f} MB' if e.get('peak_mb') is not None else ''
-    kernels = f', {e["kernels"]} kernels a step' if e.get('kernels') is not None else ''
     return (f'{e["key"]}: {e["median_ms"]:.2f} ms, {e["per_s"]:.1f} {e["unit"]}{mem}'
-            f'{kernels}')
+            f'{kernels_text(e)}')
 
 
 def keep_best_rounds(best: Dict[str, dict], results: Dict[str, dict]) -> Dict[str, dict]:
