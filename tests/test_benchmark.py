@@ -235,6 +235,26 @@ def test_targets_pass_miss_or_na_from_ratios_of_the_same_run():
         assert targets[i]['status'] == 'N/A' and targets[i]['note'] == 'section not run'
 
 
+def test_gpu_work_ratios_compare_the_kernel_time_of_counted_steps():
+    results = [
+        entry('dense/restv2_t_global/train', 60, 2, peak=600),
+        entry('dense/restv2_t_explicit/train', 66, 2, peak=1000),
+        entry('dense/swin_t/train', 70, 2, peak=900),
+    ]
+    results = {e['key']: e for e in results}
+    results['dense/restv2_t_global/train']['kernel_ms'] = 12.
+    results['dense/restv2_t_explicit/train']['kernel_ms'] = 20.
+    ratios = target_table.compute_ratios(results,
+                                         target_table.ratio_definitions(sections.FULL))
+    # host-bound steps: 0.91x the time for 0.6x the GPU work
+    assert ratios['dense/default_vs_explicit/train/time']['value'] == pytest.approx(60 / 66)
+    assert ratios['dense/default_vs_explicit/train/gpu_work']['value'] == pytest.approx(0.6)
+    assert 'GPU work' in ratios['dense/default_vs_explicit/train/gpu_work']['label']
+    swin = ratios['dense/restv2_t_vs_swin_t/train/gpu_work']  # Swin-T's step was not counted
+    assert swin['value'] is None and 'CUDA only' in swin['note']
+    assert 'detector/train/gpu_work' not in ratios  # a section that did not run
+
+
 def test_sections_are_chosen_by_name_and_a_typo_names_the_choices(bm, capsys):
     assert bm.parse_args(['--sections', 'segmentor, dense']).sections == ['dense', 'segmentor']
     assert bm.parse_args([]).sections == SECTIONS
