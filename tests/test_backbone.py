@@ -134,6 +134,57 @@ def test_sdpa_and_explicit_paths_agree(size):
         assert rel_err(a, b) < 1e-5
 
 
+def test_query_chunks_cut_only_attentions_with_many_more_queries_than_keys():
+    from restv2_mm.models.attention import chunks_for, query_chunks
+    # ResTv2-T at 800 x 1344, batch 2, stage by stage: (batch x heads, queries, keys)
+    assert [chunks_for(2 * h, n, 1050) for h, n in ((1, 67200), (2, 16800), (4, 4200),
+                                                     (8, 1050))] == [32, 8, 1, 1]
+    # UperNet's 512 x 512 crops, batch 4
+    assert [chunks_for(4 * h, n, 256) for h, n in ((1, 16384), (2, 4096), (4, 1024),
+                                                    (8, 256))] == [16, 8, 1, 1]
+    assert chunks_for(128, 3136, 49) == 1  # a classification batch fills the GPU already
+    assert chunks_for(2, 200 * 334, 1050) == 16  # equal chunks only: 66800 = 16 x 4175
+    assert chunks_for(2, 2 * 1051, 1) == 1  # no power of two of 4 or more divides it
+    q = torch.rand(2, 67200, 96, requires_grad=True)
+    assert query_chunks('sdpa', q, 2, 1050) == 1  # the CPU's kernels: no backward to spread
+    if torch.cuda.is_available():
+        q = q.detach().cuda().requires_grad_()
+        assert query_chunks('sdpa', q, 2, 1050) == 32
+        assert query_chunks('explicit', q, 2, 1050) == 1
+        with torch.no_grad():
+            assert query_chunks('sdpa', q, 2, 1050) == 1
+
+
+@pytest.mark.parametrize('impl', ['sdpa', 'explicit'])
+def test_queries_in_chunks_give_the_same_outputs_and_gradients(monkeypatch, impl):
+    """The chunking the GPU's training uses, forced on the CPU: the same attention."""
+    from restv2_mm.models import restv2
+    from restv2_mm.models.attention import chunks_for
+    model = randomised(ResTv2('tiny', attn_impl=impl)).train()
+    x = torch.rand(2, 3, 64, 96)
+
+    def step():
+        model.zero_grad()
+        outs = model(x)
+        sum((o**2).mean() for o in outs).backward()
+        return [o.detach() for o in outs], [p.grad.clone() for p in model.parameters()]
+
+    ref_outs, ref_grads = step()
+    cut = []
+
+    def chunks(attn_impl, q, rows, keys):
+        cut.append(chunks_for(rows, q.shape[1], keys))
+        return cut[-1]
+
+    monkeypatch.setattr(restv2, 'query_chunks', chunks)
+    outs, grads = step()
+    assert cut == [32, 8, 8, 1, 1, 1, 1, 1, 1, 1, 1]  # stages 1 and 2 of the 11 blocks
+    for a, b in zip(outs, ref_outs):
+        assert rel_err(a, b) < 1e-6
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        assert rel_err(g, r) < 1e-5, name
+
+
 def test_explicit_path_from_constructor():
     model = ResTv2('tiny', attn_impl='explicit')
     assert all(m.attn_impl == 'explicit' for m in model.modules() if hasattr(m, 'attn_impl'))

@@ -126,6 +126,50 @@ def test_amp_training_casts_weights_once_and_follows_autocast(style):
     assert ref_counts['_to_copy'] - counts['_to_copy'] > 300
 
 
+def test_training_attention_in_query_chunks_follows_whole_attentions(monkeypatch):
+    """On CUDA a training forward cuts the queries of stages 1 and 2 into chunks, each a
+    batch entry of the fused kernel (see attention.py): the same step as whole attentions,
+    in float32 and under AMP."""
+    from restv2_mm.models import restv2
+    from restv2_mm.models.attention import query_chunks
+    model = cuda_model().train()
+    x = torch.rand(2, 3, 256, 384, device='cuda')
+
+    def step(amp):
+        model.zero_grad()
+        with torch.autocast('cuda', dtype=torch.float16, enabled=amp):
+            outs = model(x)
+            loss = sum(o.float().pow(2).mean() for o in outs)
+        (loss * 1024).backward()  # scaled as GradScaler would: no fp16 underflow
+        return outs, [p.grad.clone() for p in model.parameters()]
+
+    cut = []
+
+    def spy(*args):
+        cut.append(query_chunks(*args))
+        return cut[-1]
+
+    monkeypatch.setattr(restv2, 'query_chunks', spy)
+    chunked = {amp: step(amp) for amp in (False, True)}
+    assert cut == 2 * [32, 8, 8, 1, 1, 1, 1, 1, 1, 1, 1]
+    monkeypatch.setattr(restv2, 'query_chunks', lambda *args: 1)
+    whole = {amp: step(amp) for amp in (False, True)}
+    names = [name for name, _ in model.named_parameters()]
+    for a, b in zip(chunked[False][0], whole[False][0]):
+        assert rel_err(a, b) < 1e-5
+    for name, g, r in zip(names, chunked[False][1], whole[False][1]):
+        assert rel_err(g, r) < 1e-4, name
+    # under AMP, as far from the float32 step as whole attentions are: fp16's own rounding
+    for a, b in zip(chunked[True][0], whole[True][0]):
+        assert rel_err(a, b) < 2e-3
+    truth = whole[False][1]
+    errors = {key: [rel_err(g, t) for g, t in zip(run[1], truth)]
+              for key, run in (('chunked', chunked[True]), ('whole', whole[True]))}
+    mean = {key: sum(e) / len(e) for key, e in errors.items()}
+    assert mean['chunked'] < 1.25 * mean['whole'] + 1e-3, mean
+    assert max(errors['chunked']) < 0.1, dict(zip(names, errors['chunked']))
+
+
 # ------------------------------------------------------------------ fast_inference (graphs)
 def fast_and_eager(**kwargs):
     fast = cuda_model(**kwargs)

@@ -27,7 +27,7 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from . import fast_windows
-from .attention import ATTENTION_KERNELS, ATTN_IMPLS
+from .attention import ATTENTION_KERNELS, ATTN_IMPLS, query_chunks
 from .cuda_graphs import GraphCache, TrainGraphCache
 from .half_weights import (Conv2d, HalfWeights, LayerNorm, Linear, autocast_dtype,
                            shared_half_copies)
@@ -325,8 +325,13 @@ class EMSAv2(nn.Module):
         return t.view(*t.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def _global_attention(self, q, k, v):
+        B, N, C = q.shape
+        chunks = query_chunks(self.attn_impl, q, B * self.num_heads, k.shape[1])
+        if chunks > 1:  # each chunk of queries a batch entry, with its copy of k and v
+            q = q.reshape(B * chunks, N // chunks, C)
+            k, v = (t.unsqueeze(1).expand(B, chunks, *t.shape[1:]).flatten(0, 1) for t in (k, v))
         out = self.attend(self._heads(q), self._heads(k), self._heads(v))
-        return out.transpose(1, 2).flatten(2)  # B, h, N, d -> B, N, C
+        return out.transpose(1, 2).reshape(B, N, C)  # B, h, N, d -> B, N, C
 
     def _window_attention(self, q, kv, H, W, Hr, Wr):
         B, _, C = q.shape
