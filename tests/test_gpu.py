@@ -139,8 +139,10 @@ def test_training_attention_in_query_chunks_follows_whole_attentions(monkeypatch
         model.zero_grad()
         with torch.autocast('cuda', dtype=torch.float16, enabled=amp):
             outs = model(x)
-            loss = sum(o.float().pow(2).mean() for o in outs)
-        (loss * 1024).backward()  # scaled as GradScaler would: no fp16 underflow
+        # fixed random weights: the mean of a normalised map's squares would hardly move
+        weights = torch.Generator().manual_seed(1)
+        sum((o.float() * torch.randn(o.shape, generator=weights).cuda()).sum()
+            for o in outs).backward()
         return outs, [p.grad.clone() for p in model.parameters()]
 
     cut = []
@@ -162,12 +164,8 @@ def test_training_attention_in_query_chunks_follows_whole_attentions(monkeypatch
     # under AMP, as far from the float32 step as whole attentions are: fp16's own rounding
     for a, b in zip(chunked[True][0], whole[True][0]):
         assert rel_err(a, b) < 2e-3
-    truth = whole[False][1]
-    errors = {key: [rel_err(g, t) for g, t in zip(run[1], truth)]
-              for key, run in (('chunked', chunked[True]), ('whole', whole[True]))}
-    mean = {key: sum(e) / len(e) for key, e in errors.items()}
-    assert mean['chunked'] < 1.25 * mean['whole'] + 1e-3, mean
-    assert max(errors['chunked']) < 0.1, dict(zip(names, errors['chunked']))
+    for name, g, r, t in zip(names, chunked[True][1], whole[True][1], whole[False][1]):
+        assert rel_err(g, t) < 2 * rel_err(r, t) + 5e-3, name
 
 
 # ------------------------------------------------------------------ fast_inference (graphs)
