@@ -5,25 +5,28 @@ real key) broadcastable to B, h, Nq, Nk. They give the same result; ``'explicit'
 softmax(QK^T / sqrt(d))V out, which FLOP counters and exporters can follow.
 
 The fused kernels' backward gives each (batch entry, head, block of keys) one unit of work
-and walks all the queries in it. ResTv2's global attention has few of those: in stage 1 one
-head and a map reduced 8 times, so at 800 x 1344, batch 2, 34 blocks of 64 keys for 67200
-queries each, on a GPU of 132 SMs. :func:`query_chunks` says into how many chunks to cut the
-queries so that each chunk is a batch entry of its own (with the keys and values copied to
-it): the same attention, as many more units of work.
+and walks all the queries in it. ResTv2's global attention has few of those: stage 1 has one
+head and a map reduced 8 times, so at 800 x 1344, batch 2, the cuDNN kernel PyTorch picks on
+an H200 had 34 blocks of 64 keys, each walking 67200 queries, for 132 SMs.
+:func:`query_chunks` says into how many chunks to cut the queries for a training step, each
+chunk then a batch entry of its own with a copy of the keys and values: the same attention,
+with as many times more units of work.
 """
 from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
 
+from .windows import recording_graph
+
 ATTN_IMPLS = ('sdpa', 'explicit')
 
 # Query chunks stop doubling once batch x heads x chunks reaches this many attention rows,
-# or once a chunk would hold fewer than twice as many queries as there are keys (H200,
-# fp16, the backward of one fused attention of ResTv2-T's stages 1 and 2: 800 x 1344,
-# batch 2, 2.50 -> 0.66 ms and 0.68 -> 0.39 ms; UperNet's 512 x 512, batch 4, 0.60 ->
-# 0.12 ms and 0.17 -> 0.08 ms; stages 3 and 4, with four times as many queries as keys or
-# fewer, take longer in chunks, so they stay whole).
+# or once a chunk would hold fewer than twice as many queries as there are keys. Measured on
+# one H200 in fp16, the GPU time of one attention's forward and backward: ResTv2-T's stages
+# 1 and 2 at 800 x 1344, batch 2, 2.50 -> 0.66 ms and 0.68 -> 0.39 ms; at UperNet's
+# 512 x 512, batch 4, 0.60 -> 0.12 ms and 0.17 -> 0.08 ms. Stages 3 and 4, with four times
+# as many queries as keys or fewer, took longer in chunks, so they stay whole.
 MAX_ATTENTION_ROWS = 64
 MIN_CHUNKS = 4
 
@@ -57,8 +60,9 @@ def chunks_for(rows: int, queries: int, keys: int) -> int:
 
 def query_chunks(attn_impl: str, q: torch.Tensor, rows: int, keys: int) -> int:
     """Chunks for the queries ``q`` (B, N, C) of one global attention (see the module): only
-    for the fused kernel on CUDA, with a backward to come."""
+    for the fused kernel on CUDA, with a backward to come, and not while torch.compile, an
+    exporter or jit.trace follows the forward: a trace would keep this size's chunks."""
     if (attn_impl != 'sdpa' or not q.is_cuda or not torch.is_grad_enabled()
-            or not q.requires_grad):
+            or not q.requires_grad or recording_graph(*q.shape)):
         return 1
     return chunks_for(rows, q.shape[1], keys)
