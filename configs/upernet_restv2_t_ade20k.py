@@ -27,7 +27,7 @@ model = dict(
         drop_path_rate=0.1,
         attn_style='global',
         # True replays the backbone's training passes as CUDA graphs (every crop has the same
-        # size): on one H200, 0.85x the iteration time for 1.08x the memory (README, Speed)
+        # size): on one H200, 0.86x the iteration time for 1.08x the memory (README, Speed)
         fast_training=False,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/restv2_tiny_224.pth')),
     decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
