@@ -235,7 +235,7 @@ def test_gpu_toy_config_and_its_data_command_agree():
     assert cfg.train_dataloader.batch_size == 16
     assert cfg.model.backbone.init_cfg is None
     iters = cfg.train_cfg.max_epochs * int(opt['--num-train']) // 16
-    assert 700 <= iters <= 800  # 750: 4 min 50 s of training on one H100 (README)
+    assert 700 <= iters <= 800  # 750: 4 min 6 s of training on one H200 (README)
 
 
 def test_fast_training_as_the_configs_set_it_and_from_the_command_line():

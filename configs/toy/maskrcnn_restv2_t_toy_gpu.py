@@ -1,4 +1,4 @@
-# The toy Mask R-CNN sized for one GPU (5 minutes of training on an H100): the full
+# The toy Mask R-CNN sized for one GPU (4 minutes of training on an H200): the full
 # Mask R-CNN of maskrcnn_restv2_t_coco.py (FPN and heads at their COCO widths, mixed
 # precision) with ResTv2-T from scratch, on 3000 toy images of 256 x 256, 16 a batch.
 #
@@ -45,7 +45,7 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
 test_evaluator = val_evaluator
 
-max_epochs = 4  # 3000 / 16 = 188 iterations an epoch, about 75 s each on an H100
+max_epochs = 4  # 3000 / 16 = 188 iterations an epoch, about 60 s each on an H200
 train_cfg = dict(max_epochs=max_epochs, val_interval=1)
 # lr 6e-4 without clipping diverged in the fifth epoch under AMP; 3e-4 with clipping holds.
 optim_wrapper = dict(
