@@ -277,6 +277,19 @@ def test_cfg_options_that_do_not_fit_the_config_stop_with_one_clear_error():
     assert cfg.model.backbone.fast_training is True
 
 
+def test_reading_a_config_with_bases_warns_of_nothing_in_mmengine():
+    """mmengine's Config imports pkg_resources again for each _base_, and setuptools < 81
+    (which mmcv's build needs) warns at each import: the tools read configs without them."""
+    import warnings
+
+    from restv2_mm.utils.tool import load_config
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        cfg = load_config(osp.join(ROOT, 'configs', 'maskrcnn_restv2_t_coco.py'))
+    assert cfg.model.backbone.type == 'ResTv2'
+    assert not [w for w in caught if 'pkg_resources' in str(w.message)], caught
+
+
 def test_a_cfg_option_mmengine_cannot_read_is_a_usage_error_naming_it(capsys):
     import argparse
 

@@ -8,6 +8,7 @@ import os
 import os.path as osp
 import re
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch.nn as nn
@@ -67,7 +68,9 @@ def load_config(path: str, cfg_options: Optional[dict] = None):
         raise ToolError(f'Config file {path!r} is not a .py file; pass an MM config such as '
                         f'configs/maskrcnn_restv2_t_coco.py.')
     try:
-        cfg = Config.fromfile(path)
+        with warnings.catch_warnings():  # mmengine imports pkg_resources again for each _base_
+            warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+            cfg = Config.fromfile(path)
     except Exception as e:  # a syntax error or a missing _base_ file inside the config
         raise ToolError(f'Could not read config {path!r}: {type(e).__name__}: {e}') from None
     if cfg_options:

@@ -25,9 +25,7 @@ import argparse
 import os
 import os.path as osp
 import sys
-import warnings
 
-warnings.filterwarnings('ignore', message='pkg_resources is deprecated')  # mmengine's import
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 from restv2_mm.models import MIN_INPUT_SIZE  # noqa: E402
